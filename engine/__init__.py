@@ -1,0 +1,1 @@
+"""The engine process: owns the ONNX Runtime sessions, batches requests, runs the models."""

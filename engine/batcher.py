@@ -1,0 +1,149 @@
+"""The dynamic batcher: one thread per loaded model version.
+
+Takes up to max_batch_size requests, waiting at most max_queue_delay_ms after the first; drops
+requests past their deadline; copies each slot into a preallocated batch (one memcpy per image);
+runs the session once; decodes with the model's head; hands one reply per request back.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from loguru import logger
+
+from engine import heads
+from engine.models import LoadedModel
+from ipc.errors import QueueFull
+from ipc.messages import Error, Infer, Message, Result
+
+
+@dataclass
+class Job:
+    identity: bytes
+    msg: Infer
+    pixels: np.ndarray  # a read-only view of the worker's ring slot
+    arrived: float  # perf_counter() when the engine received it
+
+
+Reply = Callable[[Job, Message], None]
+
+
+class Batcher(threading.Thread):
+    def __init__(self, model: LoadedModel, reply: Reply) -> None:
+        super().__init__(name=f"batcher-{model.config.name}-{model.version}", daemon=True)
+        self.model = model
+        self._reply = reply
+        cfg = model.config
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_limit)
+        self._batch = np.empty((cfg.max_batch_size, *model.input_shape), dtype=np.uint8)
+        self._halt = threading.Event()
+        self.inference_count = 0
+        self.execution_count = 0
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(
+                f"queue of {self.model.config.name} is full ({self.model.config.queue_limit})"
+            ) from None
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            jobs = self._collect()
+            if jobs:
+                self._execute(jobs)
+
+    def _collect(self) -> list[Job]:
+        try:
+            first = self._queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        jobs = [first]
+        limit = self.model.config.max_batch_size
+        until = time.perf_counter() + self.model.config.max_queue_delay_ms / 1000
+        while len(jobs) < limit:
+            remaining = until - time.perf_counter()
+            try:
+                jobs.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
+
+    def _execute(self, jobs: list[Job]) -> None:
+        now = time.time()
+        live = []
+        for job in jobs:
+            if job.msg.deadline < now:
+                self._fail(job, "timeout", "deadline passed while queued")
+            else:
+                live.append(job)
+        if not live:
+            return
+        started = time.perf_counter()
+        n = len(live)
+        for i, job in enumerate(live):
+            np.copyto(self._batch[i], job.pixels)
+        cfg = self.model.config
+        params = [
+            heads.Params(
+                confidence=j.msg.confidence if j.msg.confidence >= 0 else cfg.confidence,
+                max_detections=j.msg.max_detections or cfg.max_detections,
+            )
+            for j in live
+        ]
+        try:
+            outputs = self.model.session.run(self._batch[:n])
+            results = self._decode(outputs, params)
+        except Exception as exc:  # noqa: BLE001 - a failing model answers every request, never hangs
+            logger.exception("model {} failed on a batch of {}", cfg.name, n)
+            for job in live:
+                self._fail(job, "internal", f"model execution failed: {exc}")
+            return
+        inference_ms = (time.perf_counter() - started) * 1000
+        self.inference_count += n
+        self.execution_count += 1
+        for job, result in zip(live, results):
+            queue_ms = (started - job.arrived) * 1000
+            msg = Result(
+                req_id=job.msg.req_id,
+                slot=job.msg.slot,
+                generation=job.msg.generation,
+                model=cfg.name,
+                version=self.model.version,
+                batch_size=n,
+                queue_ms=queue_ms,
+                inference_ms=inference_ms,
+                **result,
+            )
+            logger.bind(request_id=job.msg.req_id).info(
+                "infer {}/{} batch={} queue={:.2f}ms inference={:.2f}ms",
+                cfg.name, self.model.version, n, queue_ms, inference_ms,
+            )
+            self._reply(job, msg)
+
+    def _decode(self, outputs: dict[str, np.ndarray], params: list[heads.Params]) -> list[dict]:
+        task = self.model.config.task
+        if task == "ssd":
+            return [{"detections": d} for d in heads.ssd(outputs, self.model.config, params)]
+        if task == "yolo":
+            return [{"detections": d} for d in heads.yolo(outputs, self.model.config, params)]
+        if task == "classify":
+            return [{"classes": c} for c in heads.classify(outputs, self.model.config, params)]
+        return [{"tensors": t} for t in heads.raw(outputs, len(params))]
+
+    def _fail(self, job: Job, reason: str, detail: str) -> None:
+        logger.bind(request_id=job.msg.req_id).warning("request failed: {}: {}", reason, detail)
+        self._reply(job, Error(job.msg.req_id, job.msg.slot, job.msg.generation, reason, detail))

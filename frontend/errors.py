@@ -1,0 +1,73 @@
+"""The one place where typed errors become HTTP responses: ``{error, detail, request_id}``."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from frontend.jsonresp import JSONResponse
+from loguru import logger
+from starlette.exceptions import HTTPException
+
+from ipc import errors as e
+
+STATUS: dict[type[e.RingserveError], int] = {
+    e.BadInput: 400,
+    e.Unauthorized: 401,
+    e.ModelNotFound: 404,
+    e.PayloadTooLarge: 413,
+    e.UnsupportedMedia: 415,
+    e.InvalidParameter: 422,
+    e.EngineUnavailable: 503,
+    e.QueueFull: 503,
+    e.DeadlineExceeded: 504,
+    e.InternalError: 500,
+}
+RETRY_AFTER = {e.EngineUnavailable: "1", e.QueueFull: "1"}
+
+
+def request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "-")
+
+
+def error_response(request: Request, status: int, error: str, detail: object) -> JSONResponse:
+    headers = {"X-Request-ID": request_id(request)}
+    return JSONResponse(
+        {"error": error, "detail": detail, "request_id": request_id(request)},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def to_response(request: Request, exc: e.RingserveError) -> JSONResponse:
+    status = STATUS.get(type(exc), 500)
+    response = error_response(request, status, exc.reason, exc.detail)
+    if type(exc) in RETRY_AFTER:
+        response.headers["Retry-After"] = RETRY_AFTER[type(exc)]
+    log = logger.bind(request_id=request_id(request))
+    (log.error if status >= 500 and status != 503 else log.info)(
+        "{} {} -> {} {}: {}", request.method, request.url.path, status, exc.reason, exc.detail
+    )
+    return response
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(e.RingserveError)
+    async def _ringserve(request: Request, exc: e.RingserveError) -> JSONResponse:
+        return to_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [
+            {"loc": list(err.get("loc", ())), "msg": str(err.get("msg", ""))} for err in exc.errors()
+        ]
+        return error_response(request, 422, "invalid_parameter", detail)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        names = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(request, exc.status_code, names.get(exc.status_code, "http_error"), exc.detail)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.bind(request_id=request_id(request)).exception("unhandled error")
+        return error_response(request, 500, "internal", "internal server error")

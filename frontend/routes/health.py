@@ -1,0 +1,63 @@
+"""Liveness, readiness and a health summary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from frontend.client import EngineClient
+from frontend.jsonresp import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+def _gpu_present() -> bool:
+    return Path("/dev/nvidiactl").exists()
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    ok = client.is_ready and bool(client.models)
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    r = client.ready
+    if r is None or not client.models:
+        status = "unhealthy"
+    elif r.failed or r.restarts:
+        status = "degraded"
+    else:
+        status = "healthy"
+    ring = client.ring
+    body = {
+        "status": status,
+        "engine": {
+            "connected": r is not None,
+            "instance": client.instance or None,
+            "restarts": r.restarts if r else None,
+            "losses_seen_by_worker": client.engine_losses,
+        },
+        "providers": r.providers if r else [],
+        "gpu": _gpu_present(),
+        "models": sorted(f"{n}/{v}" for n, v in client.models) if r else [],
+        "failed_models": r.failed if r else {},
+        "worker": {
+            "pid": os.getpid(),
+            "ring_slots": ring.slots if ring else 0,
+            "ring_in_use": ring.in_use if ring else 0,
+            "in_flight": len(client.pending),
+        },
+    }
+    return JSONResponse(body, status_code=200 if status != "unhealthy" else 503)

@@ -1,0 +1,144 @@
+"""Typed messages between frontend workers and the engine (msgspec msgpack, tagged, no pickle).
+
+Pixels never travel in these messages: an ``Infer`` names a slot of the sender's shared-memory ring.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+_STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "frozen": True, "tag": True}
+
+
+class InputSpec(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    """What the frontend needs to prepare pixels for one model version."""
+
+    height: int
+    width: int
+    resize: str  # stretch | letterbox | center-crop
+    pad_value: int = 114
+    resize_short: int = 0  # center-crop: resize the short side to this first (0 = fit the crop)
+
+
+class ModelInfo(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    name: str
+    version: int
+    task: str
+    input: InputSpec
+    labels_count: int
+    max_batch_size: int
+    max_queue_delay_ms: float
+    queue_limit: int
+    confidence: float
+    max_detections: int
+    inputs: list[tuple[str, str, list[int]]] = []  # (name, dtype, shape) of the ONNX graph
+    outputs: list[tuple[str, str, list[int]]] = []
+
+
+class Hello(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    """Worker -> engine. Without a ring it only asks for ``Ready`` (to learn the slot size)."""
+
+    pid: int
+    ring: str = ""
+    slots: int = 0
+    slot_bytes: int = 0
+
+
+class Ready(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    """Engine -> worker: what is served, and whether the worker's ring is registered."""
+
+    instance: str
+    models: list[ModelInfo]
+    providers: list[str]
+    slot_bytes: int
+    registered: bool
+    restarts: int = 0
+    failed: dict[str, str] = {}  # model -> why it did not load
+
+
+class Infer(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    req_id: str
+    model: str
+    version: int
+    slot: int
+    generation: int
+    height: int
+    width: int
+    deadline: float  # time.time() after which the engine drops the request
+    confidence: float = -1.0  # < 0: the model's default
+    max_detections: int = 0  # 0: the model's default
+
+
+class Detection(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    """A box in model-input pixels (x1, y1, x2, y2); the frontend maps it to the original image."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    class_id: int
+    label: str
+
+
+class Classification(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    class_id: int
+    label: str
+    score: float
+
+
+class Tensor(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    name: str
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class Result(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    req_id: str
+    slot: int
+    generation: int
+    model: str
+    version: int
+    batch_size: int
+    queue_ms: float
+    inference_ms: float
+    detections: list[Detection] = []
+    classes: list[Classification] = []
+    tensors: list[Tensor] = []
+
+
+class Error(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    req_id: str
+    slot: int
+    generation: int
+    reason: str
+    detail: str
+
+
+class Heartbeat(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    """Engine -> registered workers, every heartbeat interval."""
+
+    instance: str
+    queued: int = 0
+
+
+class Bye(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    """Worker -> engine on a clean stop: forget my ring."""
+
+    pid: int
+
+
+Message = Hello | Ready | Infer | Result | Error | Heartbeat | Bye
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Decode one message; raises ``msgspec.DecodeError`` (a ``ValueError``) on garbage."""
+    return _decoder.decode(data)

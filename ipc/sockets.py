@@ -1,0 +1,69 @@
+"""The one socket factory and the run directory layout."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import zmq
+
+# Finite high-water marks: a full queue is a 503 for the client, never an unbounded buffer.
+DEFAULT_HWM = 1024
+
+
+def default_run_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"ringserve-{os.getuid()}"
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    """Create the private (0700) run directory that holds the engine socket."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    return run_dir
+
+
+def engine_address(run_dir: Path) -> str:
+    return f"ipc://{run_dir / 'engine.sock'}"
+
+
+def socket_path(address: str) -> Path | None:
+    return Path(address[len("ipc://") :]) if address.startswith("ipc://") else None
+
+
+def make_socket(
+    ctx: zmq.Context,  # type: ignore[type-arg]
+    address: str,
+    kind: int,
+    *,
+    bind: bool,
+    identity: bytes | None = None,
+    hwm: int = DEFAULT_HWM,
+    linger_ms: int = 0,
+    immediate: bool = True,
+) -> zmq.Socket:  # type: ignore[type-arg]
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if kind == zmq.ROUTER:
+        # A reply to a worker that has gone must fail loudly, not vanish.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if kind == zmq.DEALER:
+        # Queue nothing for an engine that is not connected: the send fails and we answer 503.
+        sock.setsockopt(zmq.IMMEDIATE, int(immediate))
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+    if bind:
+        path = socket_path(address)
+        if path is not None:
+            path.unlink(missing_ok=True)
+        sock.bind(address)
+        if path is not None:
+            os.chmod(path, 0o600)
+    else:
+        sock.connect(address)
+    return sock

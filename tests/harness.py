@@ -1,0 +1,132 @@
+"""Start and stop the real appliance (``ringserve serve``) for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(f"ringserve-{os.getuid()}-*")}
+
+
+class Appliance:
+    def __init__(self, repo: Path, *, workers: int = 2, env: dict[str, str] | None = None,
+                 default_model: str = "pixels", args: tuple[str, ...] = ()) -> None:
+        self.repo = repo
+        self.workers = workers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.run_dir = Path(tempfile.mkdtemp(prefix="rs-"))
+        self.env = {**os.environ, "RINGSERVE_DEFAULT_MODEL": default_model, **(env or {})}
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.run_dir.with_suffix(".log")
+
+    def start(self, timeout: float = 90) -> Appliance:
+        cmd = [sys.executable, "-m", "engine", "serve", "--repo", str(self.repo), "--run-dir",
+               str(self.run_dir), "--workers", str(self.workers), "--port", str(self.port), *self.args]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"ringserve serve exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_for(self.ready, timeout, "the appliance to be ready")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # ------------------------------------------------------------ processes
+    def tree(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def engine_pid(self) -> int:
+        for p in self.tree():
+            if "engine" in p.cmdline()[2:4]:
+                return p.pid
+        raise AssertionError("no engine process")
+
+    def uvicorn_pid(self) -> int:
+        for p in self.tree():
+            if "uvicorn" in p.cmdline():
+                return p.pid
+        raise AssertionError("no uvicorn process")
+
+    def worker_pids(self) -> list[int]:
+        return [c.pid for c in psutil.Process(self.uvicorn_pid()).children() if _is_worker(c)]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise AssertionError(f"ringserve serve did not stop in {timeout}s:\n{self.log()}") from None
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> Appliance:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        procs = self.tree()
+        self.stop()
+        gone, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            p.kill()
+        assert not alive, f"processes left after stop: {[p.pid for p in alive]}"
+
+
+def _is_worker(p: psutil.Process) -> bool:
+    try:
+        cmd = p.cmdline()
+    except psutil.NoSuchProcess:
+        return False
+    return "spawn_main" in " ".join(cmd)
