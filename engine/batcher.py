@@ -104,6 +104,8 @@ class Batcher(threading.Thread):
             )
             for j in live
         ]
+        if cfg.task == "raw":
+            live = [_with_raw(j) for j in live]
         try:
             outputs = self.model.session.run(self._batch[:n])
             results = self._decode(outputs, params)
@@ -115,7 +117,10 @@ class Batcher(threading.Thread):
         inference_ms = (time.perf_counter() - started) * 1000
         self.inference_count += n
         self.execution_count += 1
-        for job, result in zip(live, results):
+        tensors = heads.raw(outputs, n) if any(j.msg.raw for j in live) else None
+        for i, (job, result) in enumerate(zip(live, results)):
+            if tensors is not None and job.msg.raw:
+                result = {**result, "tensors": tensors[i]}
             queue_ms = (started - job.arrived) * 1000
             msg = Result(
                 req_id=job.msg.req_id,
@@ -142,8 +147,17 @@ class Batcher(threading.Thread):
             return [{"detections": d} for d in heads.yolo(outputs, self.model.config, params)]
         if task == "classify":
             return [{"classes": c} for c in heads.classify(outputs, self.model.config, params)]
-        return [{"tensors": t} for t in heads.raw(outputs, len(params))]
+        return [{} for _ in params]  # raw: the tensors are attached for every request below
 
     def _fail(self, job: Job, reason: str, detail: str) -> None:
         logger.bind(request_id=job.msg.req_id).warning("request failed: {}: {}", reason, detail)
         self._reply(job, Error(job.msg.req_id, job.msg.slot, job.msg.generation, reason, detail))
+
+
+def _with_raw(job: Job) -> Job:
+    """A raw-head model always answers with its tensors."""
+    if job.msg.raw:
+        return job
+    import msgspec
+
+    return Job(job.identity, msgspec.structs.replace(job.msg, raw=True), job.pixels, job.arrived)

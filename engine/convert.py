@@ -30,19 +30,17 @@ OUTPUT_NAMES = ("detection_boxes:0", "detection_scores:0", "detection_classes:0"
 INSTALL_HINT = 'install the "convert" extra: pip install -e ".[convert]"'
 
 # TF Object Detection API mscoco_label_map: line i is the name of class id i (0 = background).
-_NA = "N/A"
-COCO_LABELS: tuple[str, ...] = (
-    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
-    "boat", "traffic light", "fire hydrant", _NA, "stop sign", "parking meter", "bench", "bird",
-    "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", _NA,
-    "backpack", "umbrella", _NA, _NA, "handbag", "tie", "suitcase", "frisbee", "skis",
-    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
-    "surfboard", "tennis racket", "bottle", _NA, "wine glass", "cup", "fork", "knife", "spoon",
-    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza",
-    "donut", "cake", "chair", "couch", "potted plant", "bed", _NA, "dining table", _NA, _NA,
-    "toilet", _NA, "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave",
-    "oven", "toaster", "sink", "refrigerator", _NA, "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush")
+COCO_LABELS: tuple[str, ...] = tuple(
+    "background,person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire "
+    "hydrant,N/A,stop sign,parking "
+    "meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,N/A,backpack,umbrella,N/A,N/A,handbag,tie,suitcase,frisbee,skis,snowboard,sports "
+    "ball,kite,baseball bat,baseball glove,skateboard,surfboard,tennis racket,bottle,N/A,wine "
+    "glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,hot "
+    "dog,pizza,donut,cake,chair,couch,potted plant,bed,N/A,dining "
+    "table,N/A,N/A,toilet,N/A,tv,laptop,mouse,remote,keyboard,cell "
+    "phone,microwave,oven,toaster,sink,refrigerator,N/A,book,clock,vase,scissors,teddy bear,hair "
+    "drier,toothbrush"
+    .split(","))
 
 _MODEL_TOML = """\
 # SSD-MobileNet-v2 COCO, converted from the TF Object Detection API frozen graph
@@ -87,42 +85,36 @@ class _Progress:
 
     def __init__(self, enabled: bool, total: int) -> None:
         self.enabled, self.total, self.n, self._tty = enabled, total, 0, sys.stderr.isatty()
-        self._open = False  # a tty stage line still waits for its newline
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._stop, self._thread = threading.Event(), threading.Thread()
 
-    @staticmethod
-    def _write(text: str) -> None:
-        sys.stderr.write(text)
-        sys.stderr.flush()
+    def _write(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    def _tick(self, line: str, t0: float) -> None:
+        self._write(line)  # on a tty the line is rewritten in place each second
+        while not self._stop.wait(1.0 if self._tty else 15.0):
+            secs = f"{time.monotonic() - t0:.0f} s"
+            self._write(f"\r{line} {secs}" if self._tty else f"\n    ... {secs}")
+        self._write(f"\r{line} {time.monotonic() - t0:.0f} s\n" if self._tty else "\n")
 
     def stage(self, text: str, *, ticker: bool = False) -> None:
         self.done()
         self.n += 1
-        if not self.enabled:
+        line = f"[{self.n}/{self.total}] {text}"
+        if not ticker:
+            self._write(line + "\n")
             return
-        line, t0 = f"[{self.n}/{self.total}] {text}", time.monotonic()
-        self._write(line if self._tty else line + "\n")
-        self._open = self._tty
-        if ticker:
-            self._stop.clear()
-            fmt, period = ("\r" + line + " {:.0f} s", 1.0) if self._tty else ("    ... {:.0f} s\n", 15.0)
-
-            def tick() -> None:
-                while not self._stop.wait(period):
-                    self._write(fmt.format(time.monotonic() - t0))
-
-            self._thread = threading.Thread(target=tick, name="convert-progress", daemon=True)
-            self._thread.start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._tick, args=(line, time.monotonic()),
+                                        name="convert-progress", daemon=True)
+        self._thread.start()
 
     def done(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
+        self._stop.set()
+        if self._thread.is_alive():
             self._thread.join()
-            self._thread = None
-        if self._open:
-            self._write("\n")
-            self._open = False
 
 
 def _locate_source() -> Path:
@@ -135,11 +127,6 @@ def _locate_source() -> Path:
     if not path.is_file():
         raise ConvertError(f"{SOURCE_DIST} {dist.version} has no {SOURCE_MEMBER}; reinstall it")
     return path
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _convert(source: Path) -> bytes:
@@ -162,8 +149,7 @@ def _convert(source: Path) -> bytes:
             graph_def, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset=OPSET)
     except Exception as exc:
         raise ConvertError(f"tf2onnx failed to convert {source}: {exc}") from exc
-    data: bytes = model_proto.SerializeToString()
-    return data
+    return bytes(model_proto.SerializeToString())
 
 
 def _check(model: Path) -> int:
@@ -180,10 +166,12 @@ def _check(model: Path) -> int:
         try:
             boxes, scores, classes, count = session.run(
                 list(OUTPUT_NAMES), {INPUT_NAME: np.zeros((n, 300, 300, 3), np.uint8)})
-            error = "" if (boxes.shape[0], boxes.shape[-1], count.shape) == (n, 4, (n,)) and \
-                scores.shape == classes.shape == boxes.shape[:2] else f"shapes {boxes.shape} {count.shape}"
         except Exception as exc:  # noqa: BLE001 - reported below
             error = str(exc)
+        else:
+            ok = (boxes.shape[0], boxes.shape[-1], count.shape) == (n, 4, (n,))
+            error = "" if ok and scores.shape == classes.shape == boxes.shape[:2] else \
+                f"output shapes {boxes.shape} {scores.shape} {classes.shape} {count.shape}"
         if error and n == 1:
             raise ConvertError(f"converted model fails on a zero image: {error}")
         if error:
@@ -194,11 +182,11 @@ def _check(model: Path) -> int:
 
 def _up_to_date(model_dir: Path, sha256: str) -> bool:
     """Whether the repository entry is complete and built from this source."""
-    if not all((model_dir / f).is_file() for f in ("model.toml", "labels.txt", "1/model.onnx")):
-        return False
     try:
-        return bool(tomllib.loads((model_dir / "model.toml").read_text())["source"]["sha256"] == sha256)
-    except (tomllib.TOMLDecodeError, KeyError, TypeError):
+        meta = tomllib.loads((model_dir / "model.toml").read_text())
+        return bool(meta["source"]["sha256"] == sha256) and all(
+            (model_dir / f).is_file() for f in ("labels.txt", "1/model.onnx"))
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
         return False
 
 
@@ -213,15 +201,9 @@ def _write_repo(repo: Path, onnx_file: Path, sha256: str, max_batch: int) -> Pat
         (tmp / "labels.txt").write_text("\n".join(COCO_LABELS) + "\n")
         (tmp / "model.toml").write_text(_MODEL_TOML.format(sha256=sha256, max_batch_size=max_batch))
         tmp.chmod(0o755)  # mkdtemp makes it 0700
-        had_old = target.exists()
-        if had_old:
+        if target.exists():
             target.rename(old)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if had_old:
-                old.rename(target)
-            raise
+        tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -231,18 +213,16 @@ def _write_repo(repo: Path, onnx_file: Path, sha256: str, max_batch: int) -> Pat
 
 def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = True,
                  force: bool = False) -> Path:
-    """Build the default model into ``repo`` and return its model directory.
-
-    The conversion (75-125 s on 2 cores) is cached at ``<cache_dir>/<sha256>-opset13.onnx``;
-    ``force`` converts again and rewrites the repository entry even when both are up to date.
-    """
+    """Build the default model into ``repo``; return its directory. The conversion (75-125 s on 2
+    cores) is cached as ``<cache_dir>/<sha256>-opset13.onnx``; ``force`` ignores both caches."""
     repo = Path(repo).expanduser()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     bar, t_start, converted = _Progress(progress, 4), time.monotonic(), 0.0
     try:
         source = _locate_source()
         bar.stage(f"hashing source {source.name}")
-        sha256 = _sha256(source)
+        with source.open("rb") as fh:
+            sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
         if not force and _up_to_date(repo / MODEL_NAME, sha256):
             bar.done()
             logger.info("{} is up to date in {} (source sha256 {})", MODEL_NAME, repo, sha256[:12])

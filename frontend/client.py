@@ -106,6 +106,7 @@ class EngineClient:
         timeout: float,
         confidence: float = -1.0,
         max_detections: int = 0,
+        raw: bool = False,
     ) -> m.Result:
         """Write the pixels into a free slot with ``fill`` and wait for the engine's answer."""
         if self.ready is None or self.ring is None:
@@ -121,7 +122,7 @@ class EngineClient:
         msg = m.Infer(
             req_id=req_id, model=info.name, version=info.version, slot=slot, generation=generation,
             height=shape[0], width=shape[1], deadline=time.time() + timeout,
-            confidence=confidence, max_detections=max_detections,
+            confidence=confidence, max_detections=max_detections, raw=raw,
         )
         try:
             await self.sock.send(m.encode(msg), zmq.NOBLOCK)

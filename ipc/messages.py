@@ -67,6 +67,7 @@ class Infer(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     deadline: float  # time.time() after which the engine drops the request
     confidence: float = -1.0  # < 0: the model's default
     max_detections: int = 0  # 0: the model's default
+    raw: bool = False  # also return the model's raw output tensors for this image (V2 protocol)
 
 
 class Detection(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
