@@ -1,0 +1,124 @@
+"""Malformed and hostile messages sent straight to the real engine socket: rejected, never fatal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from engine.launcher import wait_engine_ready
+from ipc import messages as m
+from ipc.ring import Ring
+from ipc.sockets import engine_address, make_socket
+from tests.harness import ROOT
+from tests.models import write_pixel_detector
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[str]:
+    repo = tmp_path / "repo"
+    write_pixel_detector(repo, size=8, max_batch_size=4, delay_ms=1.0)
+    run_dir = Path(tempfile.mkdtemp(prefix="rs-"))
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "engine", "--repo", str(repo), "--run-dir", str(run_dir)],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    address = engine_address(run_dir)
+    try:
+        wait_engine_ready(address, proc, 60)
+        yield address
+        assert proc.poll() is None, "the engine died"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode == 0
+    assert not (run_dir / "engine.sock").exists()
+
+
+def _ask(sock: zmq.Socket, msg: object, timeout_ms: int = 5000) -> m.Message:  # type: ignore[type-arg]
+    sock.send(m.encode(msg) if not isinstance(msg, bytes) else msg)  # type: ignore[arg-type]
+    while True:
+        assert sock.poll(timeout_ms), "no answer from the engine"
+        reply = m.decode(sock.recv())
+        if not isinstance(reply, m.Heartbeat):
+            return reply
+
+
+def _infer(slot: int, gen: int = 1, **kw: object) -> m.Infer:
+    fields = {"req_id": "t", "model": "pixels", "version": 1, "slot": slot, "generation": gen,
+              "height": 8, "width": 8, "deadline": time.time() + 10}
+    fields.update(kw)
+    return m.Infer(**fields)  # type: ignore[arg-type]
+
+
+def test_engine_rejects_malformed_messages_and_keeps_serving(engine: str, no_leaks: None) -> None:
+    ctx = zmq.Context()
+    sock = make_socket(ctx, engine, zmq.DEALER, bind=False, immediate=False)
+    ring = Ring(2, 8 * 8 * 3)
+    try:
+        # Garbage and unexpected frames get no answer but do not hurt.
+        sock.send(b"\x00garbage")
+        sock.send_multipart([b"two", b"frames"])
+        sock.send(m.encode(m.Result("x", 0, 0, "pixels", 1, 1, 0.0, 0.0)))
+        # Infer before Hello.
+        err = _ask(sock, _infer(0))
+        assert isinstance(err, m.Error) and err.reason == "bad_input"
+        # A ring that is not ours / does not exist / has the wrong size.
+        bad = _ask(sock, m.Hello(pid=os.getpid(), ring="ringserve-0-1-0", slots=1, slot_bytes=4096))
+        assert isinstance(bad, m.Ready) and not bad.registered
+        bad = _ask(sock, m.Hello(pid=os.getpid(), ring=ring.name, slots=5, slot_bytes=ring.slot_bytes))
+        assert isinstance(bad, m.Ready) and not bad.registered
+        bad = _ask(sock, m.Hello(pid=1, ring=ring.name, slots=2, slot_bytes=ring.slot_bytes))
+        assert isinstance(bad, m.Ready) and not bad.registered
+        ok = _ask(sock, m.Hello(pid=os.getpid(), ring=ring.name, slots=2, slot_bytes=ring.slot_bytes))
+        assert isinstance(ok, m.Ready) and ok.registered
+        cases = [
+            (_infer(2), "bad_input"),  # slot out of range
+            (_infer(-1), "bad_input"),
+            (_infer(0, height=9), "bad_input"),  # shape does not match the model
+            (_infer(0, model="nope"), "model_not_found"),
+            (_infer(0, version=7), "model_not_found"),
+            (_infer(0, deadline=time.time() - 1), "timeout"),
+        ]
+        for msg, reason in cases:
+            reply = _ask(sock, msg)
+            assert isinstance(reply, m.Error) and reply.reason == reason, (msg, reply)
+        # A real request after all that is still answered correctly.
+        ring.view(0, (8, 8, 3))[...] = np.array([255, 0, 0], dtype=np.uint8)
+        result = _ask(sock, _infer(0))
+        assert isinstance(result, m.Result)
+        [det] = result.detections
+        assert (det.x1, det.y1, det.x2, det.y2) == pytest.approx((4.0, 0.0, 6.0, 2.0))
+    finally:
+        sock.close()
+        ctx.term()
+        ring.close()
+
+
+def test_engine_refuses_a_slot_already_queued(engine: str, no_leaks: None) -> None:
+    ctx = zmq.Context()
+    sock = make_socket(ctx, engine, zmq.DEALER, bind=False, immediate=False)
+    ring = Ring(1, 8 * 8 * 3)
+    try:
+        assert _ask(sock, m.Hello(pid=os.getpid(), ring=ring.name, slots=1, slot_bytes=ring.slot_bytes)).registered  # type: ignore[union-attr]
+        replies = []
+        for _ in range(20):  # the same slot again and again, without waiting
+            sock.send(m.encode(_infer(0)))
+        while len(replies) < 20:
+            assert sock.poll(5000)
+            reply = m.decode(sock.recv())
+            if not isinstance(reply, m.Heartbeat):
+                replies.append(reply)
+        assert any(isinstance(r, m.Result) for r in replies)
+        dupes = [r for r in replies if isinstance(r, m.Error)]
+        assert all(r.reason == "bad_input" and "already in use" in r.detail for r in dupes)
+    finally:
+        sock.close()
+        ctx.term()
+        ring.close()
