@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from loguru import logger
 
-from engine import heads
+from engine import heads, metrics
 from engine.models import LoadedModel
 from ipc.errors import QueueFull
 from ipc.messages import Error, Infer, Message, Result
@@ -44,6 +44,13 @@ class Batcher(threading.Thread):
         self._halt = threading.Event()
         self.inference_count = 0
         self.execution_count = 0
+        labels = (model.config.name, str(model.version))
+        self._m_queue = metrics.QUEUE_WAIT.labels(*labels)
+        self._m_infer = metrics.INFERENCE.labels(*labels)
+        self._m_batch = metrics.BATCH_SIZE.labels(*labels)
+        self._m_images = metrics.IMAGES.labels(*labels)
+        self._m_execs = metrics.EXECUTIONS.labels(*labels)
+        self._m_depth = metrics.QUEUE_DEPTH.labels(*labels)
 
     @property
     def depth(self) -> int:
@@ -52,6 +59,7 @@ class Batcher(threading.Thread):
     def submit(self, job: Job) -> None:
         try:
             self._queue.put_nowait(job)
+            self._m_depth.set(self._queue.qsize())
         except queue.Full:
             raise QueueFull(
                 f"queue of {self.model.config.name} is full ({self.model.config.queue_limit})"
@@ -80,6 +88,7 @@ class Batcher(threading.Thread):
                 jobs.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
+        self._m_depth.set(self._queue.qsize())
         return jobs
 
     def _execute(self, jobs: list[Job]) -> None:
@@ -117,11 +126,16 @@ class Batcher(threading.Thread):
         inference_ms = (time.perf_counter() - started) * 1000
         self.inference_count += n
         self.execution_count += 1
+        self._m_infer.observe(inference_ms / 1000)
+        self._m_batch.observe(n)
+        self._m_images.inc(n)
+        self._m_execs.inc()
         tensors = heads.raw(outputs, n) if any(j.msg.raw for j in live) else None
         for i, (job, result) in enumerate(zip(live, results)):
             if tensors is not None and job.msg.raw:
                 result = {**result, "tensors": tensors[i]}
             queue_ms = (started - job.arrived) * 1000
+            self._m_queue.observe(queue_ms / 1000)
             msg = Result(
                 req_id=job.msg.req_id,
                 slot=job.msg.slot,
@@ -150,6 +164,7 @@ class Batcher(threading.Thread):
         return [{} for _ in params]  # raw: the tensors are attached for every request below
 
     def _fail(self, job: Job, reason: str, detail: str) -> None:
+        metrics.ENGINE_ERRORS.labels(reason).inc()
         logger.bind(request_id=job.msg.req_id).warning("request failed: {}: {}", reason, detail)
         self._reply(job, Error(job.msg.req_id, job.msg.slot, job.msg.generation, reason, detail))
 

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         args.command, json=_env("LOG_JSON", "0") == "1", level=_env("LOG_LEVEL", "INFO")
     )
     if args.command == "engine":
+        from ipc.metrics_dir import ensure_env
+
+        ensure_env(args.run_dir)  # before prometheus_client is imported
         from engine.server import EngineSettings, run
 
         run(EngineSettings(

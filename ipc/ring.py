@@ -30,14 +30,19 @@ def _round_up(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def own_segments() -> list[Path]:
@@ -52,7 +57,7 @@ def remove_orphans() -> list[str]:
     for path in own_segments():
         match = _NAME_RE.match(path.name)
         assert match is not None
-        if not _pid_alive(int(match.group(2))):
+        if not pid_alive(int(match.group(2))):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed

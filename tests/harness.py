@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,6 +59,9 @@ class Appliance:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.wait_ready(timeout)
+        if self.workers > 1:
+            wait_for(lambda: len(self.worker_pids()) == self.workers, timeout, "all uvicorn workers")
+            self.wait_all_workers_ready(timeout)
         return self
 
     def ready(self) -> bool:
@@ -71,6 +75,22 @@ class Appliance:
 
     def wait_ready(self, timeout: float = 60) -> None:
         wait_for(self.ready, timeout, "the appliance to be ready")
+
+    def wait_all_workers_ready(self, timeout: float = 60) -> None:
+        """Every current worker reports the engine connected (each request may land on any)."""
+        seen: set[int] = set()
+
+        def all_ready() -> bool:
+            try:
+                r = httpx.get(f"{self.url}/health", timeout=2)
+            except httpx.HTTPError:
+                return False
+            body = r.json()
+            if body["engine"]["connected"] and body["worker"]["ring_slots"]:
+                seen.add(body["worker"]["pid"])
+            return set(self.worker_pids()) <= seen
+
+        wait_for(all_ready, timeout, "every worker to be connected to the engine")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -122,6 +142,11 @@ class Appliance:
         for p in alive:
             p.kill()
         assert not alive, f"processes left after stop: {[p.pid for p in alive]}"
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
 
 
 def _is_worker(p: psutil.Process) -> bool:

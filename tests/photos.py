@@ -43,7 +43,8 @@ PHOTOS: dict[str, Photo] = {
                  "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb", "cat.jpg"),
     # a cup of coffee, 600x400
     "coffee": Photo(*_SKIMAGE, "skimage/data/coffee.png",
-                    "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7", "coffee.jpg"),
+                    "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
+                    "coffee.jpg"),
     # Eileen Collins, one person, 512x512
     "astronaut": Photo(*_SKIMAGE, "skimage/data/astronaut.png",
                        "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",

@@ -42,6 +42,7 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
     info = state.client.resolve(name, version)
     upload = await predict.read_upload(request, state.settings)
     result = await predict.run(state.client, state.settings, info, upload, request_id(request))
+    state.observe_decode(result.timings.decode_ms / 1000)
     return JSONResponse(result.model_dump(mode="json", exclude_none=True))
 
 
