@@ -61,9 +61,7 @@ class Batcher(threading.Thread):
             self._queue.put_nowait(job)
             self._m_depth.set(self._queue.qsize())
         except queue.Full:
-            raise QueueFull(
-                f"queue of {self.model.config.name} is full ({self.model.config.queue_limit})"
-            ) from None
+            raise QueueFull(f"queue of {self.model.config.name} is full ({self.model.config.queue_limit})") from None
 
     def stop(self) -> None:
         self._halt.set()
@@ -118,7 +116,7 @@ class Batcher(threading.Thread):
         try:
             outputs = self.model.session.run(self._batch[:n])
             results = self._decode(outputs, params)
-        except Exception as exc:  # noqa: BLE001 - a failing model answers every request, never hangs
+        except Exception as exc:
             logger.exception("model {} failed on a batch of {}", cfg.name, n)
             for job in live:
                 self._fail(job, "internal", f"model execution failed: {exc}")
@@ -131,7 +129,7 @@ class Batcher(threading.Thread):
         self._m_images.inc(n)
         self._m_execs.inc()
         tensors = heads.raw(outputs, n) if any(j.msg.raw for j in live) else None
-        for i, (job, result) in enumerate(zip(live, results)):
+        for i, (job, result) in enumerate(zip(live, results, strict=False)):
             if tensors is not None and job.msg.raw:
                 result = {**result, "tensors": tensors[i]}
             queue_ms = (started - job.arrived) * 1000
@@ -149,7 +147,11 @@ class Batcher(threading.Thread):
             )
             logger.bind(request_id=job.msg.req_id).info(
                 "infer {}/{} batch={} queue={:.2f}ms inference={:.2f}ms",
-                cfg.name, self.model.version, n, queue_ms, inference_ms,
+                cfg.name,
+                self.model.version,
+                n,
+                queue_ms,
+                inference_ms,
             )
             self._reply(job, msg)
 

@@ -16,14 +16,29 @@ def _env(name: str, default: str) -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", type=Path, default=Path(_env("MODEL_REPO", "models")),
-                   help="model repository (env RINGSERVE_MODEL_REPO, default ./models)")
-    p.add_argument("--run-dir", type=Path, default=Path(_env("RUN_DIR", str(default_run_dir()))),
-                   help="private directory for the engine socket (env RINGSERVE_RUN_DIR)")
-    p.add_argument("--models", default=_env("MODELS", ""),
-                   help="comma-separated model names to load (default: all in the repository)")
-    p.add_argument("--threads", type=int, default=int(_env("ORT_THREADS", "0")),
-                   help="ONNX Runtime intra-op threads on the CPU (0: one per core)")
+    p.add_argument(
+        "--repo",
+        type=Path,
+        default=Path(_env("MODEL_REPO", "models")),
+        help="model repository (env RINGSERVE_MODEL_REPO, default ./models)",
+    )
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path(_env("RUN_DIR", str(default_run_dir()))),
+        help="private directory for the engine socket (env RINGSERVE_RUN_DIR)",
+    )
+    p.add_argument(
+        "--models",
+        default=_env("MODELS", ""),
+        help="comma-separated model names to load (default: all in the repository)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(_env("ORT_THREADS", "0")),
+        help="ONNX Runtime intra-op threads on the CPU (0: one per core)",
+    )
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default=_env("PROVIDERS", "auto"))
 
 
@@ -35,13 +50,13 @@ def parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
-    serve.add_argument("--workers", type=int, default=int(_env("WORKERS", "0")),
-                       help="HTTP worker processes (0: one per core)")
+    serve.add_argument(
+        "--workers", type=int, default=int(_env("WORKERS", "0")), help="HTTP worker processes (0: one per core)"
+    )
     serve.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT_S", "15")))
 
     engine = sub.add_parser("engine", help="run only the engine process")
     _common(engine)
-    engine.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)
 
     models = sub.add_parser("models", help="manage the model repository")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -56,23 +71,22 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logs.configure(
-        args.command, json=_env("LOG_JSON", "0") == "1", level=_env("LOG_LEVEL", "INFO")
-    )
+    logs.configure(args.command, json=_env("LOG_JSON", "0") == "1", level=_env("LOG_LEVEL", "INFO"))
     if args.command == "engine":
         from ipc.metrics_dir import ensure_env
 
         ensure_env(args.run_dir)  # before prometheus_client is imported
         from engine.server import EngineSettings, run
 
-        run(EngineSettings(
-            repo=args.repo.resolve(),
-            run_dir=args.run_dir,
-            models=[m for m in args.models.split(",") if m],
-            threads=args.threads,
-            providers=args.providers,
-            restarts=args.restarts,
-        ))
+        run(
+            EngineSettings(
+                repo=args.repo.resolve(),
+                run_dir=args.run_dir,
+                models=[m for m in args.models.split(",") if m],
+                threads=args.threads,
+                providers=args.providers,
+            )
+        )
     elif args.command == "serve":
         from engine.launcher import Launcher
 

@@ -1,13 +1,15 @@
-"""Fold preprocessing into the graph, so the wire format is always uint8 NHWC RGB.
+"""Check a model's graph against its model.toml, and fold preprocessing into the graph.
 
-In front of the model's own input we add: Cast to the model's dtype, channel flip (RGB->BGR), the
-normalisation ``(x * scale - mean) / std`` and NHWC->NCHW, as the model.toml asks. The engine then
-copies ring slots into the batch and does no per-pixel Python work.
+The wire format is always uint8 NHWC RGB at the model's input size. In front of the model's own
+input we add, as the model.toml asks: channel flip (RGB->BGR), Cast to the model's dtype, the
+normalisation ``(x * scale - mean) / std`` and NHWC->NCHW. The engine then copies ring slots into
+the batch and does no per-pixel Python work.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from engine.repository import ModelConfig
 
 _DTYPES = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+_NAMES: dict[int, str] = {int(v): k for k, v in _DTYPES.items()}
 _NP = {"float32": np.float32, "float16": np.float16}
 WIRE_INPUT = "ringserve_pixels"
 
@@ -27,27 +30,94 @@ def needs_folding(cfg: ModelConfig) -> bool:
 
 
 def prepare(cfg: ModelConfig, path: Path) -> bytes:
-    """The model's bytes, with a preprocessing prefix when its input is not uint8 NHWC RGB."""
+    """The model's bytes, checked against the model.toml, with a preprocessing prefix if needed."""
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises protobuf's DecodeError, OSError and others
+        raise cfg.error("version", f"{path} is not a readable ONNX model: {exc}") from None
+    check(model, cfg)
     if not needs_folding(cfg):
         return path.read_bytes()
-    model = onnx.load(str(path))
     return fold(model, cfg).SerializeToString()
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str] | None:
+    """Static dims as ints, symbolic ones as their name ("" when unnamed); None when unranked."""
+    t = value.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+
+
+def _input_of(model: onnx.ModelProto, cfg: ModelConfig) -> onnx.ValueInfoProto:
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    names = [i.name for i in inputs]
+    if not inputs:
+        raise cfg.error("input.name", "the graph has no input")
+    target = cfg.input.name or names[0]
+    if target not in names:
+        raise cfg.error("input.name", f"the graph has no input {target!r} (it has {names})")
+    if len(inputs) > 1:
+        others = [n for n in names if n != target]
+        raise cfg.error("input.name", f"the graph has other inputs {others} that the engine cannot feed")
+    return inputs[names.index(target)]
+
+
+def check(model: onnx.ModelProto, cfg: ModelConfig) -> None:
+    """Refuse a graph whose input or outputs do not fit the model.toml, naming the field."""
+    i = cfg.input
+    value = _input_of(model, cfg)
+    elem = value.type.tensor_type.elem_type
+    if elem != _DTYPES[i.dtype]:
+        actual = _NAMES.get(elem, TensorProto.DataType.Name(elem).lower())
+        raise cfg.error("input.dtype", f"is {i.dtype!r}, but graph input {value.name!r} is {actual}")
+    dims = _dims(value)
+    if dims is not None:
+        if len(dims) != 4:
+            raise cfg.error("input.layout", f"graph input {value.name!r} has rank {len(dims)}, expected 4 ({i.layout})")
+        n, h, w, c = (dims[0], dims[2], dims[3], dims[1]) if i.layout == "NCHW" else dims
+        if isinstance(c, int) and c != 3:
+            raise cfg.error("input.layout", f"is {i.layout}, but graph input {value.name!r} has shape {dims}")
+        for key, want, got in (("height", i.height, h), ("width", i.width, w)):
+            if isinstance(got, int) and got != want:
+                raise cfg.error(f"input.{key}", f"is {want}, but graph input {value.name!r} has shape {dims} "
+                                f"({i.layout})")
+        if isinstance(n, int) and n != 0 and n < cfg.max_batch_size:
+            raise cfg.error("batching.max_batch_size",
+                            f"is {cfg.max_batch_size}, but graph input {value.name!r} has a fixed batch of {n}")
+    outputs = {o.name: o for o in model.graph.output}
+    for role, name in cfg.outputs.items():
+        if name not in outputs:
+            raise cfg.error(f"outputs.{role}", f"the graph has no output {name!r} (it has {sorted(outputs)})")
+    if cfg.task == "classify" and cfg.labels:
+        logits = outputs.get(cfg.output_name("logits")) or model.graph.output[0]
+        shape = _dims(logits)
+        classes = shape[-1] if shape else None
+        if isinstance(classes, int) and classes > 0 and classes != len(cfg.labels):
+            raise cfg.error("labels", f"has {len(cfg.labels)} lines, but output {logits.name!r} has {classes} classes")
+    if cfg.task == "yolo":
+        out = outputs.get(cfg.output_name("output")) or model.graph.output[0]
+        shape = _dims(out)
+        if shape is not None and len(shape) == 3:
+            c = cfg.num_classes
+            fits = {s for s in shape[1:] if isinstance(s, int)}
+            if len(fits) == 2 and not fits & {4 + c, 5 + c}:
+                raise cfg.error("head.num_classes", f"is {c}, but output {out.name!r} has shape {shape}: "
+                                f"neither [N, A, 5+{c}] (v5) nor [N, 4+{c}, A] (v8)")
 
 
 def fold(model: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
     graph = model.graph
-    initializer_names = {init.name for init in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializer_names]
-    target = cfg.input.name or inputs[0].name
-    if target not in {i.name for i in inputs}:
-        raise ValueError(f"{cfg.directory}/model.toml: field 'input.name': no graph input {target!r}")
+    target = _input_of(model, cfg).name
     i = cfg.input
     dtype = _NP.get(i.dtype, np.float32)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     current = WIRE_INPUT
 
-    def step(op: str, *args: str, **attrs: object) -> None:
+    def step(op: str, *args: str, **attrs: Any) -> None:
         nonlocal current
         out = f"ringserve_pre_{len(nodes)}"
         nodes.append(helper.make_node(op, [current, *args], [out], **attrs))
@@ -61,12 +131,14 @@ def fold(model: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
         step("Gather", const("bgr", np.array([2, 1, 0], dtype=np.int64)), axis=3)
     if i.dtype != "uint8":
         step("Cast", to=_DTYPES[i.dtype])
-        mean = np.array(i.mean, dtype=dtype) / np.array(i.std, dtype=dtype)
-        factor = dtype(i.scale) / np.array(i.std, dtype=dtype)
+        # (x * scale - mean) / std == x * (scale / std) - mean / std: one Mul and one Sub.
+        std = np.array(i.std, dtype=np.float64)
+        factor = i.scale / std
+        offset = np.array(i.mean, dtype=np.float64) / std
         if not np.all(factor == 1):
             step("Mul", const("factor", factor.astype(dtype)))
-        if np.any(mean != 0):
-            step("Sub", const("mean", mean.astype(dtype)))
+        if np.any(offset != 0):
+            step("Sub", const("offset", offset.astype(dtype)))
     if i.layout == "NCHW":
         step("Transpose", perm=[0, 3, 1, 2])
     # The last prefix node writes the model's original input name; the original input goes away.
@@ -80,3 +152,4 @@ def fold(model: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
         graph.node.insert(0, node)
     onnx.checker.check_model(model)
     return model
+

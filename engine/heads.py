@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine import yolo as yolo_decode
 from engine.repository import ModelConfig
 from ipc.messages import Classification, Detection, Tensor
 
@@ -60,6 +61,8 @@ def ssd(outputs: dict[str, np.ndarray], cfg: ModelConfig, params: list[Params]) 
 def classify(
     outputs: dict[str, np.ndarray], cfg: ModelConfig, params: list[Params]
 ) -> list[list[Classification]]:
+    """Top classes per image: softmax over logits (unless the model outputs probabilities,
+    ``[head] softmax = false``), the best ``max_detections`` (default: ``top_k``) above the floor."""
     logits = _output(outputs, cfg, "logits") if "logits" in cfg.outputs else next(iter(outputs.values()))
     logits = logits.reshape(len(params), -1).astype(np.float32)
     if cfg.softmax:
@@ -67,21 +70,23 @@ def classify(
         probs = shifted / shifted.sum(axis=1, keepdims=True)
     else:
         probs = logits
-    k = min(cfg.top_k, probs.shape[1])
+    k = min(max(p.max_detections for p in params), probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [
         [
             Classification(class_id=int(c), label=_label(cfg.labels, int(c)), score=float(probs[i, c]))
-            for c in top[i]
+            for c in top[i, : p.max_detections]
+            if probs[i, c] >= p.confidence
         ]
-        for i in range(len(params))
+        for i, p in enumerate(params)
     ]
 
 
 def raw(outputs: dict[str, np.ndarray], n: int) -> list[list[Tensor]]:
     return [
         [
-            Tensor(name=name, dtype=str(arr.dtype), shape=list(arr.shape[1:]), data=np.ascontiguousarray(arr[i]).tobytes())
+            Tensor(name=name, dtype=str(arr.dtype), shape=list(arr.shape[1:]),
+                   data=np.ascontiguousarray(arr[i]).tobytes())
             for name, arr in outputs.items()
         ]
         for i in range(n)
@@ -89,20 +94,18 @@ def raw(outputs: dict[str, np.ndarray], n: int) -> list[list[Tensor]]:
 
 
 def yolo(outputs: dict[str, np.ndarray], cfg: ModelConfig, params: list[Params]) -> list[list[Detection]]:
-    from engine.yolo import candidates, nms
-
+    """Decode the whole batch at once, then per image: confidence floor and class-aware NMS."""
     raw_out = _output(outputs, cfg, "output") if "output" in cfg.outputs else next(iter(outputs.values()))
-    num_classes = len(cfg.labels)
+    boxes, scores, class_ids = yolo_decode.decode(raw_out[: len(params)], cfg.num_classes, cfg.yolo_layout)
     results = []
     for i, p in enumerate(params):
-        boxes, scores, class_ids = candidates(raw_out[i], num_classes)
-        mask = scores >= p.confidence
-        boxes, scores, class_ids = boxes[mask], scores[mask], class_ids[mask]
-        keep = nms(boxes, scores, class_ids, cfg.iou, p.max_detections)
+        mask = np.flatnonzero(scores[i] >= p.confidence)
+        b, s, c = boxes[i, mask], scores[i, mask], class_ids[i, mask]
+        keep = yolo_decode.nms(b, s, c, cfg.iou, p.max_detections)
         results.append([
             Detection(
-                x1=float(boxes[k, 0]), y1=float(boxes[k, 1]), x2=float(boxes[k, 2]), y2=float(boxes[k, 3]),
-                score=float(scores[k]), class_id=int(class_ids[k]), label=_label(cfg.labels, int(class_ids[k])),
+                x1=float(b[k, 0]), y1=float(b[k, 1]), x2=float(b[k, 2]), y2=float(b[k, 3]),
+                score=float(s[k]), class_id=int(c[k]), label=_label(cfg.labels, int(c[k])),
             )
             for k in keep
         ])

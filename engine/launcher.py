@@ -24,7 +24,7 @@ from ipc import messages as m
 from ipc.metrics_dir import ENV as METRICS_ENV
 from ipc.metrics_dir import metrics_dir, wipe
 from ipc.ring import remove_orphans
-from ipc.sockets import engine_address, make_socket, prepare_run_dir, socket_path
+from ipc.sockets import STARTS_FILE, engine_address, make_socket, prepare_run_dir, socket_path
 
 STABLE_S = 30.0
 MAX_BACKOFF_S = 30.0
@@ -33,7 +33,7 @@ READY_TIMEOUT_S = 300.0
 
 def wait_engine_ready(address: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> m.Ready:
     """Ask the engine for Ready until it answers, it dies, or ``timeout`` passes."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()  # type: ignore[type-arg]
     deadline = time.monotonic() + timeout
     # Not IMMEDIATE: the Hello waits in the socket until the engine has bound and connected.
     sock = make_socket(ctx, address, zmq.DEALER, bind=False, immediate=False, hwm=4)
@@ -68,20 +68,45 @@ class Launcher:
     def _engine_cmd(self) -> list[str]:
         a = self.args
         return [
-            sys.executable, "-m", "engine", "engine",
-            "--repo", str(a.repo.resolve()), "--run-dir", str(self.run_dir),
-            "--models", a.models, "--threads", str(a.threads), "--providers", a.providers,
-            "--restarts", str(self.restarts),
+            sys.executable,
+            "-m",
+            "engine",
+            "engine",
+            "--repo",
+            str(a.repo.resolve()),
+            "--run-dir",
+            str(self.run_dir),
+            "--models",
+            a.models,
+            "--threads",
+            str(a.threads),
+            "--providers",
+            a.providers,
         ]
 
     def _frontend_cmd(self) -> list[str]:
         a = self.args
         workers = a.workers or len(os.sched_getaffinity(0))
         return [
-            sys.executable, "-m", "uvicorn", "frontend.app:create_app", "--factory",
-            "--host", a.host, "--port", str(a.port), "--workers", str(workers),
-            "--timeout-graceful-shutdown", str(int(a.drain_timeout)), "--no-access-log",
-            "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "frontend.app:create_app",
+            "--factory",
+            "--host",
+            a.host,
+            "--port",
+            str(a.port),
+            "--workers",
+            str(workers),
+            "--timeout-graceful-shutdown",
+            str(int(a.drain_timeout)),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            # WebSocket frames may be as large as a request body (RINGSERVE_MAX_BODY_BYTES).
+            "--ws-max-size",
+            str(int(os.environ.get("RINGSERVE_MAX_BODY_BYTES", 20 * 1024 * 1024)) + 4096),
         ]
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
@@ -94,6 +119,7 @@ class Launcher:
         signal.signal(signal.SIGINT, self._on_signal)
         prepare_run_dir(self.run_dir)
         wipe(metrics_dir(self.run_dir))  # one scrape = this run of the whole box
+        (self.run_dir / STARTS_FILE).unlink(missing_ok=True)  # restarts count from this run
         for name in remove_orphans():
             logger.warning("removed orphan segment {}", name)
         try:

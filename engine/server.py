@@ -22,11 +22,11 @@ from engine import metrics
 from engine import models as model_loader
 from engine.batcher import Batcher, Job
 from engine.repository import scan
-from engine.session import choose_providers, default_threads, quiet_ort
+from engine.session import ProviderUnavailable, choose_providers, default_threads, quiet_ort
 from ipc import messages as m
-from ipc.errors import BadInput, DeadlineExceeded, ModelNotFound, RingserveError
+from ipc.errors import BadInput, DeadlineExceeded, EngineUnavailable, ModelNotFound, RingserveError
 from ipc.ring import MappedRing, pid_alive, remove_orphans
-from ipc.sockets import engine_address, make_socket, prepare_run_dir, socket_path
+from ipc.sockets import STARTS_FILE, engine_address, make_socket, prepare_run_dir, socket_path
 
 _REPLIES = "inproc://replies"
 
@@ -39,7 +39,6 @@ class EngineSettings:
     threads: int = 0  # 0: one per core
     providers: str = "auto"  # auto | cpu | cuda
     heartbeat_s: float = 0.2
-    restarts: int = 0
 
 
 @dataclass
@@ -61,6 +60,7 @@ class Engine:
         self._stop = threading.Event()
         self._local = threading.local()
         self._ctx = zmq.Context()
+        self.restarts = 0
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -75,7 +75,7 @@ class Engine:
             for version in cfg.versions:
                 try:
                     loaded = model_loader.load(cfg, version, providers, threads)
-                except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
+                except Exception as exc:
                     logger.error("model {}/{} not loaded: {}", cfg.name, version, exc)
                     self.failed[f"{cfg.name}/{version}"] = str(exc)
                     continue
@@ -95,7 +95,8 @@ class Engine:
             compact(ensure_env(self.settings.run_dir))
         except (OSError, ValueError) as exc:
             logger.warning("could not fold old metric files: {}", exc)
-        metrics.RESTARTS.set(self.settings.restarts)
+        self.restarts = count_start(self.settings.run_dir)
+        metrics.RESTARTS.set(self.restarts)
         for name in remove_orphans():
             logger.warning("removed orphan segment {}", name)
         self.load()
@@ -195,7 +196,7 @@ class Engine:
             providers=self.providers,
             slot_bytes=slot_bytes,
             registered=registered,
-            restarts=self.settings.restarts,
+            restarts=self.restarts,
             failed=self.failed,
         )
 
@@ -232,7 +233,8 @@ class Engine:
     def _validate(self, identity: bytes, msg: m.Infer) -> Job:
         worker = self.workers.get(identity)
         if worker is None or worker.ring is None:
-            raise BadInput("this worker has no registered ring; send Hello first")
+            # A worker that still believes in a previous engine instance: it must re-register.
+            raise EngineUnavailable(f"this worker is not registered with engine {self.instance}; send Hello")
         batcher = self.batchers.get((msg.model, msg.version))
         if batcher is None:
             raise ModelNotFound(f"model {msg.model} version {msg.version} is not loaded")
@@ -267,11 +269,30 @@ class Engine:
                 self._forget(identity)
 
 
+def count_start(run_dir: Path) -> int:
+    """Starts of the engine in this run directory, minus one: its restarts, under any supervisor.
+
+    ``ringserve serve`` removes the file when the appliance starts; under supervisord it lives as
+    long as the run directory.
+    """
+    path = run_dir / STARTS_FILE
+    try:
+        starts = int(path.read_text()) + 1
+    except (FileNotFoundError, ValueError):
+        starts = 1
+    path.write_text(str(starts))
+    return starts - 1
+
+
 def run(settings: EngineSettings) -> None:
     engine = Engine(settings)
     signal.signal(signal.SIGTERM, engine.request_stop)
     signal.signal(signal.SIGINT, engine.request_stop)
-    engine.serve()
+    try:
+        engine.serve()
+    except ProviderUnavailable as exc:
+        logger.error("{}", exc)
+        raise SystemExit(2) from None
 
 
 def _version() -> str:

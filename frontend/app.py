@@ -6,15 +6,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from loguru import logger
 from fastapi.middleware.cors import CORSMiddleware
+from loguru import logger
 
 from frontend import errors
 from frontend.client import EngineClient
 from frontend.jsonresp import JSONResponse
 from frontend.middleware import RequestContext
-from frontend.routes import health, models, predict
+from frontend.routes import batch, console, health, models, predict, stream
 from frontend.settings import Settings
+from frontend.v2 import make_router as v2_router
 from ipc import logs
 from ipc.metrics_dir import compact, ensure_env
 from ipc.ring import remove_orphans
@@ -66,9 +67,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, api_key=settings.api_key, observe=observe)
     errors.install(app)
     app.include_router(predict.router)
+    app.include_router(batch.router)
+    app.include_router(stream.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(v2_router(settings))
     app.include_router(metrics.router)
+    app.include_router(console.router)
     return app
 
 

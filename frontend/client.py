@@ -133,9 +133,17 @@ class EngineClient:
             self._ring_changed()
             raise
         msg = m.Infer(
-            req_id=req_id, model=info.name, version=info.version, slot=slot, generation=generation,
-            height=shape[0], width=shape[1], deadline=time.time() + timeout,
-            confidence=confidence, max_detections=max_detections, raw=raw,
+            req_id=req_id,
+            model=info.name,
+            version=info.version,
+            slot=slot,
+            generation=generation,
+            height=shape[0],
+            width=shape[1],
+            deadline=time.time() + timeout,
+            confidence=confidence,
+            max_detections=max_detections,
+            raw=raw,
         )
         try:
             await self.sock.send(m.encode(msg), zmq.NOBLOCK)
@@ -180,6 +188,8 @@ class EngineClient:
             pending.future.set_result(msg)
         else:
             pending.future.set_exception(from_reason(msg.reason, msg.detail))
+            if msg.reason == EngineUnavailable.reason and self.ready is not None:
+                self._lost(f"the engine does not know this worker: {msg.detail}")
 
     async def _on_ready(self, msg: m.Ready) -> None:
         if self.ready is not None and msg.instance != self.instance:

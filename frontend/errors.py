@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from frontend.jsonresp import JSONResponse
 from loguru import logger
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from frontend.body import BodyTimeout
+from frontend.jsonresp import JSONResponse
 from ipc import errors as e
 
 STATUS: dict[type[e.RingserveError], int] = {
     e.BadInput: 400,
     e.Unauthorized: 401,
     e.ModelNotFound: 404,
+    BodyTimeout: 408,
     e.PayloadTooLarge: 413,
     e.UnsupportedMedia: 415,
     e.InvalidParameter: 422,
@@ -60,15 +63,24 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [
-            {"loc": list(err.get("loc", ())), "msg": str(err.get("msg", ""))} for err in exc.errors()
-        ]
+        detail = [{"loc": list(err.get("loc", ())), "msg": str(err.get("msg", ""))} for err in exc.errors()]
         return error_response(request, 422, "invalid_parameter", detail)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        names = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(request, exc.status_code, names.get(exc.status_code, "http_error"), exc.detail)
+        names = {400: "bad_input", 404: "not_found", 405: "method_not_allowed"}
+        response = error_response(request, exc.status_code, names.get(exc.status_code, "http_error"), exc.detail)
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left before its body was complete: nobody reads this answer, and it is no
+        # server error (nginx logs such a request as 499).
+        logger.bind(request_id=request_id(request)).info(
+            "{} {}: the client disconnected before its body was complete", request.method, request.url.path
+        )
+        return error_response(request, 400, "client_disconnected", "the client disconnected")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -13,8 +13,9 @@ REQUESTS = Counter("ringserve_http_requests", "HTTP requests by route and status
 DURATION = Histogram("ringserve_http_request_duration_seconds", "HTTP request duration", ["route"], buckets=_BUCKETS)
 DECODE = Histogram("ringserve_decode_duration_seconds", "Decode and resize into the ring slot", buckets=_BUCKETS)
 ERRORS = Counter("ringserve_errors", "Failed requests by reason", ["reason"])
-RING_IN_USE = Gauge("ringserve_ring_slots_in_use", "Ring slots held by in-flight requests, per worker pid",
-                    multiprocess_mode="liveall")
+RING_IN_USE = Gauge(
+    "ringserve_ring_slots_in_use", "Ring slots held by in-flight requests, per worker pid", multiprocess_mode="liveall"
+)
 RING_SLOTS = Gauge("ringserve_ring_slots", "Ring slots per worker pid", multiprocess_mode="liveall")
 
 router = APIRouter(tags=["metrics"])

@@ -1,4 +1,9 @@
-"""Pure ASGI middleware: request id in and out, optional API key, one log line per request."""
+"""Pure ASGI middleware: request id in and out, optional API key, one log line per request.
+
+A response that starts before the request body has been read to its end (413, 408, 401, 404...)
+carries ``Connection: close``: uvicorn then closes the connection after it, so a client streaming a
+huge or endless body stops, instead of the server draining that body to keep the connection alive.
+"""
 
 from __future__ import annotations
 
@@ -33,20 +38,37 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = [0]
+        body_done = [scope["type"] != "http" or not _declares_body(headers)]
+
+        async def receive_tracked() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" or (
+                message["type"] == "http.request" and not message.get("more_body", False)
+            ):
+                body_done[0] = True
+            return message
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
                 status[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                own = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                own.append((b"x-request-id", request_id.encode()))
+                if not body_done[0] and not any(k.lower() == b"connection" for k, _ in own):
+                    own.append((b"connection", b"close"))
+                message = {**message, "headers": own}
             await send(message)
 
         path: str = scope["path"]
         with logger.contextualize(request_id=request_id):
-            if self.api_key and not _is_open(path) and not self._authorised(headers):
+            if (
+                self.api_key
+                and not _is_open(path)
+                and not _is_preflight(scope, headers)
+                and not self._authorised(headers)
+            ):
                 await _unauthorised(scope, send_with_id, request_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, receive_tracked, send_with_id)
             if scope["type"] != "http":
                 return
             elapsed = time.perf_counter() - started
@@ -65,17 +87,40 @@ class RequestContext:
 
 
 def _is_open(path: str) -> bool:
+    if "/." in path or "//" in path:  # no "/health/../api/..." past the key, whatever routes it reaches
+        return False
     return path == "/" or any(path == p or path.startswith(p + "/") for p in OPEN_PATHS if p != "/")
 
 
+def _is_preflight(scope: Scope, headers: dict[bytes, bytes]) -> bool:
+    """A CORS preflight: browsers never send credentials with it, so the CORS layer answers it."""
+    return (
+        scope["type"] == "http"
+        and scope["method"] == "OPTIONS"
+        and b"origin" in headers
+        and b"access-control-request-method" in headers
+    )
+
+
+def _declares_body(headers: dict[bytes, bytes]) -> bool:
+    length = headers.get(b"content-length")
+    return b"transfer-encoding" in headers or (length is not None and length.strip() not in (b"", b"0"))
+
+
 async def _unauthorised(scope: Scope, send: Send, request_id: str) -> None:
+    """401 with the JSON error; for a WebSocket handshake too, where the server can answer it in HTTP."""
+    prefix = "http"
     if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
-        return
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})  # 403
+            return
+        prefix = "websocket.http"
     body = orjson.dumps({"error": "unauthorized", "detail": "a valid API key is required", "request_id": request_id})
-    await send({
-        "type": "http.response.start",
-        "status": 401,
-        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
-    })
-    await send({"type": "http.response.body", "body": body})
+    await send(
+        {
+            "type": f"{prefix}.response.start",
+            "status": 401,
+            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+        }
+    )
+    await send({"type": f"{prefix}.response.body", "body": body})

@@ -13,6 +13,9 @@ class PredictJSON(_Frozen):
     image_b64: str = Field(..., min_length=1, description="the encoded image, base64")
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     max_detections: int | None = Field(None, ge=1, le=1000)
+    timeout_s: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False, description="deadline of this request; at most REQUEST_TIMEOUT_S"
+    )
 
 
 class Detection(_Frozen):
@@ -45,12 +48,20 @@ class ImageSize(_Frozen):
     height: int
 
 
+class TensorData(_Frozen):
+    name: str
+    dtype: str
+    shape: list[int] = Field(..., description="without the batch dimension")
+    data: list[float] = Field(..., description="the values, flattened in row-major order")
+
+
 class PredictResponse(_Frozen):
     request_id: str
     model: ModelRef
     image: ImageSize
     detections: list[Detection] | None = None
     classes: list[ClassScore] | None = None
+    tensors: list[TensorData] | None = Field(None, description="the output tensors of a task = \"raw\" model")
     timings: Timings
     batch_size: int
 

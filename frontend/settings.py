@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(50_000_000, ge=1)  # about 8k x 6k
     request_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)  # the whole request body must arrive within this (408)
     heartbeat_timeout_s: float = Field(0.6, gt=0)
     api_key: str = ""
     cors_origins: list[str] = []

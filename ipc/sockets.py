@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import zmq
 
 # Finite high-water marks: a full queue is a 503 for the client, never an unbounded buffer.
 DEFAULT_HWM = 1024
+STARTS_FILE = "engine.starts"  # in the run dir: how often the engine started (its restarts + 1)
 
 
 def default_run_dir() -> Path:
@@ -18,8 +20,18 @@ def default_run_dir() -> Path:
 
 
 def prepare_run_dir(run_dir: Path) -> Path:
-    """Create the private (0700) run directory that holds the engine socket."""
+    """Create the private (0700) run directory that holds the engine socket.
+
+    An existing one must be a real directory of this user: a symlink or another user's directory
+    (say a pre-created ``/tmp/ringserve-<uid>``) would hand the socket to someone else.
+    """
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(run_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(
+            f"run directory {run_dir} is not a directory owned by uid {os.getuid()} (a symlink or another "
+            "user's?); remove it or set RINGSERVE_RUN_DIR to a private directory"
+        )
     os.chmod(run_dir, 0o700)
     return run_dir
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def measure(n: int, size: int) -> dict[str, float]:
         proc.wait(10)
         ring.close()
         ctx.term()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -83,7 +85,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     result = measure(args.n, args.size)
-    print(json.dumps(result, indent=2))  # noqa: T201 - a command-line report
+    print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

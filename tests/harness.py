@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -40,8 +41,15 @@ def segments() -> set[str]:
 
 
 class Appliance:
-    def __init__(self, repo: Path, *, workers: int = 2, env: dict[str, str] | None = None,
-                 default_model: str = "pixels", args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        repo: Path,
+        *,
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+        default_model: str = "pixels",
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.repo = repo
         self.workers = workers
         self.port = free_port()
@@ -52,16 +60,34 @@ class Appliance:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.run_dir.with_suffix(".log")
 
-    def start(self, timeout: float = 90) -> Appliance:
-        cmd = [sys.executable, "-m", "engine", "serve", "--repo", str(self.repo), "--run-dir",
-               str(self.run_dir), "--workers", str(self.workers), "--port", str(self.port), *self.args]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.wait_ready(timeout)
-        if self.workers > 1:
-            wait_for(lambda: len(self.worker_pids()) == self.workers, timeout, "all uvicorn workers")
-            self.wait_all_workers_ready(timeout)
+    def start(self, timeout: float = 180) -> Appliance:
+        cmd = [
+            sys.executable,
+            "-m",
+            "engine",
+            "serve",
+            "--repo",
+            str(self.repo),
+            "--run-dir",
+            str(self.run_dir),
+            "--workers",
+            str(self.workers),
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            self.wait_ready(timeout)
+            if self.workers > 1:
+                wait_for(lambda: len(self.worker_pids()) == self.workers, timeout, "all uvicorn workers")
+                self.wait_all_workers_ready(timeout)
+        except BaseException:
+            self.kill()  # a failed start must not leave the appliance running
+            raise
         return self
 
     def ready(self) -> bool:
@@ -118,6 +144,19 @@ class Appliance:
     def worker_pids(self) -> list[int]:
         return [c.pid for c in psutil.Process(self.uvicorn_pid()).children() if _is_worker(c)]
 
+    def kill(self) -> None:
+        """SIGKILL the whole appliance (its own process group) and reap it."""
+        if self.proc is None:
+            return
+        procs = self.tree()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        self.proc.wait()
+        self._log.close()
+
     def stop(self, timeout: float = 30) -> int:
         if self.proc is None:
             return 0
@@ -138,7 +177,7 @@ class Appliance:
     def __exit__(self, *exc: object) -> None:
         procs = self.tree()
         self.stop()
-        gone, alive = psutil.wait_procs(procs, timeout=10)
+        _gone, alive = psutil.wait_procs(procs, timeout=10)
         for p in alive:
             p.kill()
         assert not alive, f"processes left after stop: {[p.pid for p in alive]}"

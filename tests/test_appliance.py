@@ -5,17 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
-import signal
-import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from PIL import Image
 
-from tests.harness import Appliance, segments, wait_for
+from tests.harness import Appliance, wait_for
 from tests.models import expected_box, write_pixel_detector
 
 
@@ -51,6 +47,7 @@ def assert_own_answer(response: httpx.Response, i: int, size: tuple[int, int]) -
 def test_every_response_answers_its_own_image(pixel_repo: Path, no_leaks: None) -> None:
     """240 concurrent requests with distinct images over 2 workers: no mix-up of slots/workers."""
     with Appliance(pixel_repo, workers=2, env={"RINGSERVE_RING_SLOTS": "64"}) as app:
+
         async def fire() -> list[tuple[int, tuple[int, int], httpx.Response]]:
             limits = httpx.Limits(max_connections=64)
             async with httpx.AsyncClient(timeout=30, limits=limits) as client:
@@ -60,7 +57,7 @@ def test_every_response_answers_its_own_image(pixel_repo: Path, no_leaks: None) 
                     how = ("multipart", "json", "raw")[i % 3]
                     jobs.append((i, size, post(client, f"{app.url}/api/v1/predict", i, how, size)))
                 responses = await asyncio.gather(*(j[2] for j in jobs))
-                return [(i, size, r) for (i, size, _), r in zip(jobs, responses)]
+                return [(i, size, r) for (i, size, _), r in zip(jobs, responses, strict=False)]
 
         results = asyncio.run(fire())
         for i, size, response in results:
@@ -78,8 +75,9 @@ def test_lone_request_waits_at_most_the_queue_delay(tmp_path: Path, no_leaks: No
     write_pixel_detector(repo, max_batch_size=8, delay_ms=40.0)
     with Appliance(repo, workers=1) as app:
         for i in range(5):
-            body = httpx.post(f"{app.url}/api/v1/predict", content=png(colour(i)),
-                              headers={"content-type": "image/png"}).json()
+            body = httpx.post(
+                f"{app.url}/api/v1/predict", content=png(colour(i)), headers={"content-type": "image/png"}
+            ).json()
             assert body["batch_size"] == 1
             # The batcher waits for company at most max_queue_delay_ms (40), then runs.
             assert body["timings"]["queue_ms"] < 40 + 25, body["timings"]
@@ -87,13 +85,17 @@ def test_lone_request_waits_at_most_the_queue_delay(tmp_path: Path, no_leaks: No
 
 def test_request_id_is_echoed_and_logged_by_both_processes(pixel_repo: Path, no_leaks: None) -> None:
     with Appliance(pixel_repo, workers=2, env={"RINGSERVE_LOG_JSON": "1"}) as app:
-        r = httpx.post(f"{app.url}/api/v1/predict", content=png((1, 2, 3)),
-                       headers={"content-type": "image/png", "x-request-id": "req-abc.123"})
+        r = httpx.post(
+            f"{app.url}/api/v1/predict",
+            content=png((1, 2, 3)),
+            headers={"content-type": "image/png", "x-request-id": "req-abc.123"},
+        )
         assert r.status_code == 200
         assert r.headers["x-request-id"] == "req-abc.123"
         assert r.json()["request_id"] == "req-abc.123"
         wait_for(lambda: app.log().count("req-abc.123") >= 2, 10, "log lines of both processes")
         import orjson
+
         lines = [orjson.loads(x) for x in app.log().splitlines() if x.startswith("{") and "req-abc.123" in x]
         processes = {x["record"]["extra"]["process"] for x in lines}
         assert {"engine", "worker"} <= processes
@@ -102,8 +104,10 @@ def test_request_id_is_echoed_and_logged_by_both_processes(pixel_repo: Path, no_
 def test_only_the_engine_loads_onnxruntime(pixel_repo: Path, no_leaks: None) -> None:
     with Appliance(pixel_repo, workers=2) as app:
         httpx.post(f"{app.url}/api/v1/predict", content=png((9, 9, 9)), headers={"content-type": "image/png"})
+
         def has_ort(pid: int) -> bool:
             return "onnxruntime" in Path(f"/proc/{pid}/maps").read_text()
+
         assert has_ort(app.engine_pid())
         workers = app.worker_pids()
         assert len(workers) == 2
@@ -128,8 +132,7 @@ def test_bad_input_basics(pixel_repo: Path, no_leaks: None, body: object, ctype:
         assert r.status_code == status, r.text
         err = r.json()
         assert set(err) == {"error", "detail", "request_id"}
-        ok = httpx.post(f"{app.url}/api/v1/predict", content=png((200, 100, 50)),
-                        headers={"content-type": "image/png"})
+        ok = httpx.post(f"{app.url}/api/v1/predict", content=png((200, 100, 50)), headers={"content-type": "image/png"})
         assert ok.status_code == 200, ok.text
         assert ok.json()["detections"][0]["bbox"] == pytest.approx(expected_box((200, 100, 50), 96, 64), abs=0.6)
 

@@ -55,8 +55,9 @@ class Load:
                 i += 1000
                 started = time.monotonic()
                 try:
-                    r = client.post(f"{self.url}/api/v1/predict", content=png(colour(i)),
-                                    headers={"content-type": "image/png"})
+                    r = client.post(
+                        f"{self.url}/api/v1/predict", content=png(colour(i)), headers={"content-type": "image/png"}
+                    )
                     status, body = r.status_code, r.json()
                 except httpx.TransportError:
                     status, body = 0, None
@@ -91,8 +92,11 @@ def test_engine_kill_fails_in_flight_fast_and_recovers(tmp_path: Path, no_leaks:
             app.wait_ready(30)
             assert app.engine_pid() != engine
             before = load.count()
-            wait_for(lambda: any(o.status == 200 and o.started > killed + 0.1 for o in load.outcomes[before:]),
-                     30, "a correct answer after the restart")
+            wait_for(
+                lambda: any(o.status == 200 and o.started > killed + 0.1 for o in load.outcomes[before:]),
+                30,
+                "a correct answer after the restart",
+            )
         in_flight = [o for o in load.outcomes if o.started < killed < o.ended]
         assert in_flight, "no request was in flight at the kill"
         slowest = max(o.ended - killed for o in in_flight)
@@ -112,8 +116,11 @@ def test_worker_kill_is_replaced_and_its_segment_reclaimed(pixel_repo: Path, no_
             wait_for(lambda: load.count() >= 20, 30, "some load")
             victim = app.worker_pids()[0]
             os.kill(victim, signal.SIGKILL)
-            wait_for(lambda: victim not in app.worker_pids() and len(app.worker_pids()) == 2, 30,
-                     "uvicorn to replace the worker")
+            wait_for(
+                lambda: victim not in app.worker_pids() and len(app.worker_pids()) == 2,
+                30,
+                "uvicorn to replace the worker",
+            )
             dead = {s for s in segments() if s.split("-")[2] == str(victim)}
             # The replacement worker removes segments of dead pids when it starts.
             wait_for(lambda: not (dead & segments()), 30, "the dead worker's segment to be removed")
@@ -135,7 +142,7 @@ def test_sigterm_drains_accepted_requests_and_leaves_nothing(tmp_path: Path, no_
         app.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         app.proc.wait(10)  # type: ignore[union-attr]
         assert time.monotonic() - stopped < 10
-    gone, alive = psutil.wait_procs([p for p in procs if isinstance(p, psutil.Process)], timeout=5)
+    _gone, alive = psutil.wait_procs([p for p in procs if isinstance(p, psutil.Process)], timeout=5)
     assert not alive, f"left running: {alive}"
     # Every request the appliance answered was answered properly; refused connections after the
     # listener closed are not accepted requests.

@@ -37,8 +37,12 @@ def app(repo: Path) -> Iterator[Appliance]:
 def predict(app: Appliance, data: bytes, how: str = "multipart", **params: object) -> dict:
     url = f"{app.url}/api/v1/predict"
     if how == "multipart":
-        r = httpx.post(url, files={"image": ("photo.jpg", data, "image/jpeg")},
-                       data={k: str(v) for k, v in params.items()}, timeout=30)
+        r = httpx.post(
+            url,
+            files={"image": ("photo.jpg", data, "image/jpeg")},
+            data={k: str(v) for k, v in params.items()},
+            timeout=30,
+        )
     elif how == "json":
         r = httpx.post(url, json={"image_b64": base64.b64encode(data).decode(), **params}, timeout=30)
     else:

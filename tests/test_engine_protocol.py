@@ -27,8 +27,11 @@ def engine(tmp_path: Path) -> Iterator[str]:
     repo = tmp_path / "repo"
     write_pixel_detector(repo, size=8, max_batch_size=4, delay_ms=1.0)
     run_dir = Path(tempfile.mkdtemp(prefix="rs-"))
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "engine", "--repo", str(repo), "--run-dir", str(run_dir)],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "engine", "--repo", str(repo), "--run-dir", str(run_dir)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
     address = engine_address(run_dir)
     try:
         wait_engine_ready(address, proc, 60)
@@ -51,8 +54,16 @@ def _ask(sock: zmq.Socket, msg: object, timeout_ms: int = 5000) -> m.Message:  #
 
 
 def _infer(slot: int, gen: int = 1, **kw: object) -> m.Infer:
-    fields = {"req_id": "t", "model": "pixels", "version": 1, "slot": slot, "generation": gen,
-              "height": 8, "width": 8, "deadline": time.time() + 10}
+    fields = {
+        "req_id": "t",
+        "model": "pixels",
+        "version": 1,
+        "slot": slot,
+        "generation": gen,
+        "height": 8,
+        "width": 8,
+        "deadline": time.time() + 10,
+    }
     fields.update(kw)
     return m.Infer(**fields)  # type: ignore[arg-type]
 
@@ -68,7 +79,7 @@ def test_engine_rejects_malformed_messages_and_keeps_serving(engine: str, no_lea
         sock.send(m.encode(m.Result("x", 0, 0, "pixels", 1, 1, 0.0, 0.0)))
         # Infer before Hello.
         err = _ask(sock, _infer(0))
-        assert isinstance(err, m.Error) and err.reason == "bad_input"
+        assert isinstance(err, m.Error) and err.reason == "engine_down"
         # A ring that is not ours / does not exist / has the wrong size.
         bad = _ask(sock, m.Hello(pid=os.getpid(), ring="ringserve-0-1-0", slots=1, slot_bytes=4096))
         assert isinstance(bad, m.Ready) and not bad.registered

@@ -30,8 +30,9 @@ seg.close()
 
 def _run(code: str, *args: object) -> str:
     root = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=root, check=True,
-                          capture_output=True, text=True, timeout=30).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], cwd=root, check=True, capture_output=True, text=True, timeout=30
+    ).stdout
 
 
 def test_segment_is_private_and_slots_cycle(no_leaks: None) -> None:

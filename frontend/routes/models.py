@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from frontend.client import EngineClient
-from frontend.schemas import ModelList, ModelSummary, ModelVersionInfo, TensorSpec
+from frontend.schemas import ErrorResponse, ModelList, ModelSummary, ModelVersionInfo, TensorSpec
 from ipc.errors import ModelNotFound
 from ipc.messages import ModelInfo
 
@@ -14,10 +14,17 @@ router = APIRouter(tags=["models"])
 
 def _version(x: ModelInfo) -> ModelVersionInfo:
     return ModelVersionInfo(
-        name=x.name, version=x.version, task=x.task, input_width=x.input.width,
-        input_height=x.input.height, resize=x.input.resize, labels_count=x.labels_count,
-        max_batch_size=x.max_batch_size, max_queue_delay_ms=x.max_queue_delay_ms,
-        queue_limit=x.queue_limit, default_confidence=x.confidence,
+        name=x.name,
+        version=x.version,
+        task=x.task,
+        input_width=x.input.width,
+        input_height=x.input.height,
+        resize=x.input.resize,
+        labels_count=x.labels_count,
+        max_batch_size=x.max_batch_size,
+        max_queue_delay_ms=x.max_queue_delay_ms,
+        queue_limit=x.queue_limit,
+        default_confidence=x.confidence,
         inputs=[TensorSpec(name=n, datatype=t, shape=s) for n, t, s in x.inputs],
         outputs=[TensorSpec(name=n, datatype=t, shape=s) for n, t, s in x.outputs],
     )
@@ -28,10 +35,16 @@ def summaries(client: EngineClient) -> list[ModelSummary]:
     out = []
     for name in sorted(client.latest):
         infos = sorted((x for x in client.models.values() if x.name == name), key=lambda x: x.version)
-        out.append(ModelSummary(
-            name=name, versions=[x.version for x in infos], latest=client.latest[name],
-            task=infos[-1].task, details=[_version(x) for x in infos], providers=providers,
-        ))
+        out.append(
+            ModelSummary(
+                name=name,
+                versions=[x.version for x in infos],
+                latest=client.latest[name],
+                task=infos[-1].task,
+                details=[_version(x) for x in infos],
+                providers=providers,
+            )
+        )
     return out
 
 
@@ -42,7 +55,7 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(models=summaries(client), failed=failed)
 
 
-@router.get("/api/v1/models/{name}", response_model=ModelSummary)
+@router.get("/api/v1/models/{name}", response_model=ModelSummary, responses={404: {"model": ErrorResponse}})
 async def get_model(request: Request, name: str) -> ModelSummary:
     for summary in summaries(request.app.state.client):
         if summary.name == name:

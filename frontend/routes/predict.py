@@ -13,7 +13,13 @@ from ipc.errors import ModelNotFound
 
 router = APIRouter(tags=["predict"])
 
+_PARAMS = (  # also accepted in the query string (a raw image body has no other place for them)
+    ("confidence_threshold", {"type": "number", "minimum": 0, "maximum": 1}),
+    ("max_detections", {"type": "integer", "minimum": 1, "maximum": 1000}),
+    ("timeout_s", {"type": "number", "exclusiveMinimum": 0}),
+)
 _IMAGE_BODY = {
+    "parameters": [{"name": n, "in": "query", "required": False, "schema": schema} for n, schema in _PARAMS],
     "requestBody": {
         "required": True,
         "content": {
@@ -25,16 +31,27 @@ _IMAGE_BODY = {
                         "image": {"type": "string", "format": "binary"},
                         "confidence_threshold": {"type": "number", "minimum": 0, "maximum": 1},
                         "max_detections": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
                     },
                 }
             },
             "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            **{
+                t: {"schema": {"type": "string", "format": "binary"}}
+                for t in (
+                    "image/jpeg",
+                    "image/png",
+                    "image/webp",
+                    "image/bmp",
+                    "image/gif",
+                    "image/tiff",
+                    "application/octet-stream",
+                )
+            },
         },
-    }
+    },
 }
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 422, 503, 504)}
 
 
 async def _predict(request: Request, name: str, version: int | None) -> Response:

@@ -1,0 +1,1 @@
+"""``python -m loadtests.bench``: ringserve against the common FastAPI pattern and the ceiling."""

@@ -1,0 +1,252 @@
+"""The benchmark's results: machine description, ratios and goals, Markdown table, PNG plot."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+MB_PER_WORKER_GOAL = 80.0
+HOP_GOAL_US = 150.0
+
+
+def latency_summary(sorted_ms: list[float], seconds: float) -> dict[str, float]:
+    def pct(q: float) -> float:
+        if not sorted_ms:
+            return float("nan")
+        return sorted_ms[min(len(sorted_ms) - 1, max(0, round(q / 100 * len(sorted_ms)) - 1))]
+
+    return {"requests": len(sorted_ms), "rps": len(sorted_ms) / seconds, "p50_ms": pct(50), "p95_ms": pct(95),
+            "p99_ms": pct(99), "mean_ms": statistics.fmean(sorted_ms) if sorted_ms else float("nan")}
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = float("nan")
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(mem_gb, 1),
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "load_1m": os.getloadavg()[0]}
+
+
+def _by_key(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["key"]: t for t in results["targets"] if "error" not in t and (t.get("points") or t.get("best"))}
+
+
+def _point(target: dict[str, Any] | None, concurrency: int) -> dict[str, Any] | None:
+    if target is None:
+        return None
+    if target["key"] == "ceiling":
+        return target["best"]
+    return next((p for p in target["points"] if p["concurrency"] == concurrency), None)
+
+
+def _memory(target: dict[str, Any] | None) -> dict[str, float] | None:
+    if target is None:
+        return None
+    return target["best"].get("memory") if target["key"] == "ceiling" else target.get("memory")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b and not math.isnan(a) and not math.isnan(b) else None
+
+
+def analyse(results: dict[str, Any]) -> None:
+    """Add ``ratios`` (per concurrency) and ``goals`` (the issue's, at concurrency 16) to the results."""
+    t = _by_key(results)
+    a = t.get("ringserve")
+    concs = results["settings"]["concurrency"]
+    ratios: dict[str, dict[str, float | None]] = {}
+    for c in concs:
+        pa = _point(a, c)
+        ra = pa["rps"] if pa else None
+        ratios[str(c)] = {
+            f"ringserve/{k}": _ratio(ra, (_point(t.get(k), c) or {}).get("rps"))
+            for k in ("b-default", "b-tuned", "c", "ceiling")
+        }
+    results["ratios"] = ratios
+    gc = 16 if 16 in concs else max(concs)
+    results["goal_concurrency"] = gc
+    r = ratios[str(gc)]
+    goals: list[dict[str, Any]] = []
+
+    def goal(text: str, value: float | None, ok: bool | None, shown: str) -> None:
+        goals.append({"goal": text, "value": value, "pass": ok, "shown": shown})
+
+    def at_least(text: str, value: float | None, bound: float) -> None:
+        goal(text, value, None if value is None else value >= bound, "-" if value is None else f"{value:.2f}x")
+
+    pa, pb = _point(a, gc), _point(t.get("b-tuned"), gc)
+    if results["workload"] == "ssd":
+        at_least(f"SSD, c={gc}: ringserve >= 0.95x the ceiling (d)", r["ringserve/ceiling"], 0.95)
+        if pa and pb and not math.isnan(pa["p99_ms"]) and not math.isnan(pb["p99_ms"]):
+            goal(f"SSD, c={gc}: ringserve p99 <= (b tuned) p99", pa["p99_ms"], pa["p99_ms"] <= pb["p99_ms"],
+                 f"{pa['p99_ms']:.0f} ms vs {pb['p99_ms']:.0f} ms")
+        else:
+            goal(f"SSD, c={gc}: ringserve p99 <= (b tuned) p99", None, None, "-")
+    else:
+        at_least(f"light, c={gc}: ringserve >= 1.5x (b tuned)", r["ringserve/b-tuned"], 1.5)
+        at_least(f"light, c={gc}: ringserve >= 1.0x (c)", r["ringserve/c"], 1.0)
+        ma, mc = _memory(a), _memory(t.get("c"))
+        if ma and mc:
+            goal("light: ringserve PSS < (c) PSS", ma["pss_mb"], ma["pss_mb"] < mc["pss_mb"],
+                 f"{ma['pss_mb']:.0f} MB vs {mc['pss_mb']:.0f} MB")
+        else:
+            goal("light: ringserve PSS < (c) PSS", None, None, "-")
+    w = results["settings"]["workers"]
+    ma, mb = _memory(a), _memory(t.get("b-tuned"))
+    text = f"memory: ringserve PSS <= (b tuned) PSS + {w} x {MB_PER_WORKER_GOAL:.0f} MB"
+    if ma and mb:
+        bound = mb["pss_mb"] + w * MB_PER_WORKER_GOAL
+        goal(text, ma["pss_mb"], ma["pss_mb"] <= bound, f"{ma['pss_mb']:.0f} MB vs {bound:.0f} MB")
+    else:
+        goal(text, None, None, "-")
+    hop = results.get("ipc_hop", {}).get("hop_p50_us")
+    goal(f"IPC hop p50 <= {HOP_GOAL_US:.0f} us", hop, None if hop is None else hop <= HOP_GOAL_US,
+         "-" if hop is None else f"{hop:.0f} us")
+    results["goals"] = goals
+
+
+def _per_cpu(point: dict[str, Any]) -> float | None:
+    """Requests per CPU-second of the target's tree: the efficiency, which a busy box disturbs less."""
+    cpu = point.get("server_cpu")
+    return point["rps"] / cpu if cpu and not math.isnan(cpu) else None
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown(results: dict[str, Any], png_name: str) -> str:
+    m, s = results["machine"], results["settings"]
+    sizes = s["sizes"].replace(",", ", ")
+    lines = [
+        f"### `{results['workload']}`: {results['model']} ({results['task']}, input {results['input']}), "
+        f"W = {s['workers']}",
+        "",
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, Python {m['python']}, "
+        f"ONNX Runtime {m['onnxruntime']} (CPU). Load average {m['load_1m']:.1f} at the start, "
+        f"{m.get('load_1m_end', float('nan')):.1f} at the end. "
+        f"Run {results['started']}, {results['duration_s']:.0f} s.",
+        "",
+        f"Load: one closed-loop client process (asyncio, keep-alive HTTP/1.1), multipart uploads of "
+        f"{len(s['payloads'])} real photos ({sizes}), every answer checked; {s['warmup']:g} s warm-up then "
+        f"{s['seconds']:g} s per point. CPU in cores (user + system of the whole process tree); "
+        f"req per CPU-s = req/s / server CPU; memory is the peak during load, summed over the tree.",
+        "",
+        "| target | conc. | req/s | p50 ms | p95 ms | p99 ms | errors | server CPU | req per CPU-s | client CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in results["targets"]:
+        if "error" in t:
+            lines.append(f"| {t['label']} | | failed: {t['error'].splitlines()[0][:80]} | | | | | | | |")
+        elif t["key"] == "ceiling":
+            for cfg in t["configs"]:
+                if "error" in cfg:
+                    continue
+                mark = " **(best)**" if cfg is t["best"] or cfg["config"] == t["best"]["config"] else ""
+                lines.append(f"| (d) ceiling: {cfg['config']} ({cfg['processes']} proc x {cfg['loop_threads']} "
+                             f"loop x {cfg['intra_threads']} ORT thr){mark} | - | {_f(cfg['rps'])} | "
+                             f"{_f(cfg['p50_ms'])} | {_f(cfg['p95_ms'])} | {_f(cfg['p99_ms'])} | 0 | "
+                             f"{_f(cfg['server_cpu'], 2)} | {_f(_per_cpu(cfg))} | - |")
+        else:
+            for p in t["points"]:
+                lines.append(f"| {t['label']} | {p['concurrency']} | {_f(p['rps'])} | {_f(p['p50_ms'])} | "
+                             f"{_f(p['p95_ms'])} | {_f(p['p99_ms'])} | {p['errors']} | {_f(p['server_cpu'], 2)} | "
+                             f"{_f(_per_cpu(p))} | {_f(p['client_cpu'], 3)} |")
+    lines += ["", "| target | processes | PSS MB | RSS MB |", "|---|---:|---:|---:|"]
+    for t in results["targets"]:
+        mem = None if "error" in t else _memory(t)
+        if mem:
+            lines.append(f"| {t['label']} | {mem['processes']} | {mem['pss_mb']:.0f} | {mem['rss_mb']:.0f} |")
+    lines += ["", "| conc. | ringserve / (b default) | / (b tuned) | / (c) | / (d) ceiling |",
+              "|---:|---:|---:|---:|---:|"]
+    for c, r in results["ratios"].items():
+        cells = [_f(r[f"ringserve/{k}"], 2) for k in ("b-default", "b-tuned", "c", "ceiling")]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    hop = results.get("ipc_hop", {})
+    if "hop_p50_us" in hop:
+        lines += ["", f"IPC hop (shared-memory slot + ZeroMQ round trip, 300x300x3, {hop['n']} trips): "
+                      f"p50 {hop['hop_p50_us']:.0f} us, p90 {hop['hop_p90_us']:.0f} us, "
+                      f"p99 {hop['hop_p99_us']:.0f} us."]
+    lines += ["", "| goal | measured | met |", "|---|---|---|"]
+    for g in results["goals"]:
+        met = "n/a" if g["pass"] is None else ("yes" if g["pass"] else "**no**")
+        lines.append(f"| {g['goal']} | {g['shown']} | {met} |")
+    lines += ["", f"![throughput, p99 latency and memory per target]({png_name})", ""]
+    return "\n".join(lines)
+
+
+COLOURS = {"ringserve": "tab:green", "b-default": "tab:gray", "b-tuned": "tab:blue", "c": "tab:orange",
+           "ceiling": "tab:red"}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rps, ax_p99, ax_mem) = plt.subplots(1, 3, figsize=(16, 4.8))
+    names, pss, rss, colours = [], [], [], []
+    for t in results["targets"]:
+        if "error" in t:
+            continue
+        colour = COLOURS.get(t["key"], "black")
+        short = t["label"].split(",")[0] if t["key"] != "ceiling" else "(d) ceiling"
+        if t["key"] == "ceiling":
+            if t["best"] is None:
+                continue
+            ax_rps.axhline(t["best"]["rps"], color=colour, linestyle="--", label=f"(d) ceiling ({t['best']['config']})")
+        else:
+            cs = [p["concurrency"] for p in t["points"]]
+            ax_rps.plot(cs, [p["rps"] for p in t["points"]], marker="o", color=colour, label=t["label"])
+            ax_p99.plot(cs, [p["p99_ms"] for p in t["points"]], marker="o", color=colour, label=t["label"])
+            short = {"ringserve": "(a) ringserve", "b-default": "(b) default", "b-tuned": "(b) tuned",
+                     "c": "(c) W procs"}[t["key"]]
+        mem = _memory(t)
+        if mem:
+            names.append(short)
+            pss.append(mem["pss_mb"])
+            rss.append(mem["rss_mb"])
+            colours.append(colour)
+    concs = results["settings"]["concurrency"]
+    for ax in (ax_rps, ax_p99):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concs, [str(c) for c in concs])
+        ax.set_xlim(min(concs) / 1.4, max(concs) * 1.4)
+        ax.set_xlabel("client concurrency")
+        ax.grid(True, alpha=0.3)
+    ax_rps.set_ylabel("requests / s")
+    ax_rps.set_ylim(bottom=0)
+    ax_rps.set_title("throughput")
+    ax_rps.legend(fontsize=7, loc="best")
+    ax_p99.set_ylabel("p99 latency (ms)")
+    ax_p99.set_yscale("log")
+    ax_p99.set_title("p99 latency")
+    xs = range(len(names))
+    ax_mem.bar([x - 0.2 for x in xs], pss, 0.4, color=colours, label="PSS")
+    ax_mem.bar([x + 0.2 for x in xs], rss, 0.4, color=colours, alpha=0.4, label="RSS")
+    ax_mem.set_xticks(list(xs), names, rotation=20, fontsize=8)
+    ax_mem.set_ylabel("MB (whole process tree, peak under load)")
+    ax_mem.set_title("memory: PSS (solid), RSS (light)")
+    m = results["machine"]
+    fig.suptitle(f"ringserve benchmark, workload {results['workload']} ({results['model']}), "
+                 f"W={results['settings']['workers']}, {m['cores']} cores: {m['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
