@@ -1,8 +1,12 @@
-"""The dynamic batcher: one thread per loaded model version.
+"""The dynamic batcher: one queue per loaded model version, served by one or more instances.
 
-Takes up to max_batch_size requests, waiting at most max_queue_delay_ms after the first; drops
-requests past their deadline; copies each slot into a preallocated batch (one memcpy per image);
-runs the session once; decodes with the model's head; hands one reply per request back.
+Each instance (a thread with its own preallocated batch) takes up to max_batch_size requests,
+waiting at most max_queue_delay_ms after the first; drops requests past their deadline; copies each
+slot into its batch (one memcpy per image); runs the session once; decodes with the model's head;
+hands one reply per request back. Several instances run the one shared session concurrently (ONNX
+Runtime allows concurrent ``run`` calls and releases the GIL): on a CPU box, one single-threaded
+instance per core beats one instance with a thread per core, because much of a detector (its NMS
+loop) does not parallelise inside the graph.
 """
 
 from __future__ import annotations
@@ -33,17 +37,26 @@ class Job:
 Reply = Callable[[Job, Message], None]
 
 
-class Batcher(threading.Thread):
-    def __init__(self, model: LoadedModel, reply: Reply) -> None:
-        super().__init__(name=f"batcher-{model.config.name}-{model.version}", daemon=True)
+class Batcher:
+    def __init__(self, model: LoadedModel, reply: Reply, instances: int = 1) -> None:
         self.model = model
         self._reply = reply
         cfg = model.config
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_limit)
-        self._batch = np.empty((cfg.max_batch_size, *model.input_shape), dtype=np.uint8)
         self._halt = threading.Event()
+        self._count_lock = threading.Lock()
         self.inference_count = 0
         self.execution_count = 0
+        self.instances = max(1, instances)
+        self._threads = [
+            threading.Thread(
+                target=self._serve,
+                args=(np.empty((cfg.max_batch_size, *model.input_shape), dtype=np.uint8),),
+                name=f"batcher-{cfg.name}-{model.version}-{k}",
+                daemon=True,
+            )
+            for k in range(self.instances)
+        ]
         labels = (model.config.name, str(model.version))
         self._m_queue = metrics.QUEUE_WAIT.labels(*labels)
         self._m_infer = metrics.INFERENCE.labels(*labels)
@@ -63,14 +76,22 @@ class Batcher(threading.Thread):
         except queue.Full:
             raise QueueFull(f"queue of {self.model.config.name} is full ({self.model.config.queue_limit})") from None
 
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
     def stop(self) -> None:
         self._halt.set()
 
-    def run(self) -> None:
+    def join(self, timeout: float) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _serve(self, batch: np.ndarray) -> None:
         while not self._halt.is_set():
             jobs = self._collect()
             if jobs:
-                self._execute(jobs)
+                self._execute(jobs, batch)
 
     def _collect(self) -> list[Job]:
         try:
@@ -89,7 +110,7 @@ class Batcher(threading.Thread):
         self._m_depth.set(self._queue.qsize())
         return jobs
 
-    def _execute(self, jobs: list[Job]) -> None:
+    def _execute(self, jobs: list[Job], batch: np.ndarray) -> None:
         now = time.time()
         live = []
         for job in jobs:
@@ -102,7 +123,7 @@ class Batcher(threading.Thread):
         started = time.perf_counter()
         n = len(live)
         for i, job in enumerate(live):
-            np.copyto(self._batch[i], job.pixels)
+            np.copyto(batch[i], job.pixels)
         cfg = self.model.config
         params = [
             heads.Params(
@@ -114,7 +135,7 @@ class Batcher(threading.Thread):
         if cfg.task == "raw":
             live = [_with_raw(j) for j in live]
         try:
-            outputs = self.model.session.run(self._batch[:n])
+            outputs = self.model.session.run(batch[:n])
             results = self._decode(outputs, params)
         except Exception as exc:
             logger.exception("model {} failed on a batch of {}", cfg.name, n)
@@ -122,8 +143,9 @@ class Batcher(threading.Thread):
                 self._fail(job, "internal", f"model execution failed: {exc}")
             return
         inference_ms = (time.perf_counter() - started) * 1000
-        self.inference_count += n
-        self.execution_count += 1
+        with self._count_lock:
+            self.inference_count += n
+            self.execution_count += 1
         self._m_infer.observe(inference_ms / 1000)
         self._m_batch.observe(n)
         self._m_images.inc(n)

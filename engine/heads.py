@@ -58,9 +58,7 @@ def ssd(outputs: dict[str, np.ndarray], cfg: ModelConfig, params: list[Params]) 
     return results
 
 
-def classify(
-    outputs: dict[str, np.ndarray], cfg: ModelConfig, params: list[Params]
-) -> list[list[Classification]]:
+def classify(outputs: dict[str, np.ndarray], cfg: ModelConfig, params: list[Params]) -> list[list[Classification]]:
     """Top classes per image: softmax over logits (unless the model outputs probabilities,
     ``[head] softmax = false``), the best ``max_detections`` (default: ``top_k``) above the floor."""
     logits = _output(outputs, cfg, "logits") if "logits" in cfg.outputs else next(iter(outputs.values()))
@@ -85,8 +83,9 @@ def classify(
 def raw(outputs: dict[str, np.ndarray], n: int) -> list[list[Tensor]]:
     return [
         [
-            Tensor(name=name, dtype=str(arr.dtype), shape=list(arr.shape[1:]),
-                   data=np.ascontiguousarray(arr[i]).tobytes())
+            Tensor(
+                name=name, dtype=str(arr.dtype), shape=list(arr.shape[1:]), data=np.ascontiguousarray(arr[i]).tobytes()
+            )
             for name, arr in outputs.items()
         ]
         for i in range(n)
@@ -102,11 +101,18 @@ def yolo(outputs: dict[str, np.ndarray], cfg: ModelConfig, params: list[Params])
         mask = np.flatnonzero(scores[i] >= p.confidence)
         b, s, c = boxes[i, mask], scores[i, mask], class_ids[i, mask]
         keep = yolo_decode.nms(b, s, c, cfg.iou, p.max_detections)
-        results.append([
-            Detection(
-                x1=float(b[k, 0]), y1=float(b[k, 1]), x2=float(b[k, 2]), y2=float(b[k, 3]),
-                score=float(s[k]), class_id=int(c[k]), label=_label(cfg.labels, int(c[k])),
-            )
-            for k in keep
-        ])
+        results.append(
+            [
+                Detection(
+                    x1=float(b[k, 0]),
+                    y1=float(b[k, 1]),
+                    x2=float(b[k, 2]),
+                    y2=float(b[k, 3]),
+                    score=float(s[k]),
+                    class_id=int(c[k]),
+                    label=_label(cfg.labels, int(c[k])),
+                )
+                for k in keep
+            ]
+        )
     return results

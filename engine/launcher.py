@@ -80,6 +80,8 @@ class Launcher:
             a.models,
             "--threads",
             str(a.threads),
+            "--instances",
+            str(a.instances),
             "--providers",
             a.providers,
         ]

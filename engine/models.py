@@ -60,7 +60,5 @@ def load(cfg: ModelConfig, version: int, providers: list[str], threads: int) -> 
     model_bytes = prepare(cfg, cfg.onnx_path(version))
     session = OrtSession(model_bytes, "", providers, threads, max_batch=cfg.max_batch_size)
     elapsed = time.perf_counter() - started
-    logger.info(
-        "loaded {}/{} ({}) in {:.2f}s on {}", cfg.name, version, cfg.task, elapsed, session.providers
-    )
+    logger.info("loaded {}/{} ({}) in {:.2f}s on {}", cfg.name, version, cfg.task, elapsed, session.providers)
     return LoadedModel(cfg, version, session, model_info(cfg, version, session), elapsed)

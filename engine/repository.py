@@ -25,8 +25,20 @@ OUTPUT_ROLES: dict[str, tuple[str, ...]] = {
 }
 _KEYS: dict[str, tuple[str, ...]] = {
     "": ("task", "labels", "description", "source", "input", "outputs", "head", "thresholds", "batching"),
-    "input.": ("name", "height", "width", "resize", "pad_value", "resize_short", "color", "layout", "dtype",
-               "scale", "mean", "std"),
+    "input.": (
+        "name",
+        "height",
+        "width",
+        "resize",
+        "pad_value",
+        "resize_short",
+        "color",
+        "layout",
+        "dtype",
+        "scale",
+        "mean",
+        "std",
+    ),
     "head.": ("layout", "num_classes", "softmax"),
     "thresholds.": ("confidence", "iou", "max_detections", "top_k"),
     "batching.": ("max_batch_size", "max_queue_delay_ms", "queue_limit"),
@@ -181,7 +193,7 @@ def _input(inp: _Reader, task: str) -> InputConfig:
     if not 0 <= cfg.pad_value <= 255:
         raise inp.fail("pad_value", f"must be within 0..255, got {cfg.pad_value}")
     if cfg.resize_short and cfg.resize != "center-crop":
-        raise inp.fail("resize_short", "applies only to resize = \"center-crop\"")
+        raise inp.fail("resize_short", 'applies only to resize = "center-crop"')
     if cfg.resize_short and cfg.resize_short < max(cfg.height, cfg.width):
         raise inp.fail("resize_short", f"must be >= the crop ({cfg.height}x{cfg.width}), got {cfg.resize_short}")
     if any(s == 0 for s in cfg.std):
@@ -246,9 +258,9 @@ def load_config(directory: Path) -> ModelConfig:
     if num_classes and labels and num_classes != len(labels):
         raise head.fail("num_classes", f"is {num_classes}, but the labels file has {len(labels)} lines")
     if task != "yolo" and "layout" in head.table:
-        raise head.fail("layout", "applies only to task = \"yolo\"")
+        raise head.fail("layout", 'applies only to task = "yolo"')
     if task != "classify" and "softmax" in head.table:
-        raise head.fail("softmax", "applies only to task = \"classify\"")
+        raise head.fail("softmax", 'applies only to task = "classify"')
     top_k = thr.positive("top_k", int, 5)
     versions = versions_of(directory) if directory.is_dir() else ()
     if not versions:

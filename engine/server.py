@@ -21,8 +21,8 @@ from loguru import logger
 from engine import metrics
 from engine import models as model_loader
 from engine.batcher import Batcher, Job
-from engine.repository import scan
-from engine.session import ProviderUnavailable, choose_providers, default_threads, quiet_ort
+from engine.repository import ModelConfig, scan
+from engine.session import CUDA, ProviderUnavailable, choose_providers, plan_instances, probe_ms, quiet_ort
 from ipc import messages as m
 from ipc.errors import BadInput, DeadlineExceeded, EngineUnavailable, ModelNotFound, RingserveError
 from ipc.ring import MappedRing, pid_alive, remove_orphans
@@ -36,7 +36,8 @@ class EngineSettings:
     repo: Path
     run_dir: Path
     models: list[str] = field(default_factory=list)
-    threads: int = 0  # 0: one per core
+    threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: auto (see plan_instances)
+    instances: int = 0  # concurrent runners per model version; 0: auto (see plan_instances)
     providers: str = "auto"  # auto | cpu | cuda
     heartbeat_s: float = 0.2
 
@@ -66,23 +67,49 @@ class Engine:
     def load(self) -> None:
         quiet_ort()
         providers = choose_providers(self.settings.providers)
-        threads = self.settings.threads or default_threads()
-        logger.info("providers {} with {} intra-op threads", providers, threads)
+        logger.info("providers {}", providers)
         configs, self.failed = scan(self.settings.repo, self.settings.models or None)
         for name, why in self.failed.items():
             logger.error("model {} not loaded: {}", name, why)
         for cfg in configs:
             for version in cfg.versions:
                 try:
-                    loaded = model_loader.load(cfg, version, providers, threads)
+                    loaded, instances = self._load_version(cfg, version, providers)
                 except Exception as exc:
                     logger.error("model {}/{} not loaded: {}", cfg.name, version, exc)
                     self.failed[f"{cfg.name}/{version}"] = str(exc)
                     continue
                 self.providers = loaded.session.providers
                 metrics.LOAD_TIME.labels(cfg.name, str(version)).set(loaded.load_seconds)
-                self.batchers[loaded.key] = Batcher(loaded, self._reply_from_batcher)
+                self.batchers[loaded.key] = Batcher(loaded, self._reply_from_batcher, instances)
                 self.latest[cfg.name] = max(version, self.latest.get(cfg.name, 0))
+
+    def _load_version(
+        self, cfg: ModelConfig, version: int, providers: list[str]
+    ) -> tuple[model_loader.LoadedModel, int]:
+        """Load with the instance and thread plan that suits the model (see plan_instances)."""
+        s = self.settings
+        if providers[0] == CUDA or (s.instances and s.threads):
+            instances, threads = plan_instances(providers, s.instances, s.threads, 0.0)
+            return model_loader.load(cfg, version, providers, threads), instances
+        single = model_loader.load(cfg, version, providers, 1)
+        try:
+            run_ms = probe_ms(single.session, single.input_shape)
+        except Exception as exc:  # the model's own checks at serving time will say more
+            logger.warning("{}/{}: probe run failed ({}); planning as a light model", cfg.name, version, exc)
+            run_ms = 0.0
+        instances, threads = plan_instances(providers, s.instances, s.threads, run_ms)
+        logger.info(
+            "{}/{}: {:.1f} ms per single-threaded run: {} instance(s) x {} intra-op thread(s)",
+            cfg.name,
+            version,
+            run_ms,
+            instances,
+            threads,
+        )
+        if threads == 1:
+            return single, instances
+        return model_loader.load(cfg, version, providers, threads), instances
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import zmq
 
 from engine.launcher import wait_engine_ready
@@ -51,8 +52,11 @@ def measure(n: int, size: int) -> dict[str, float]:
         sock.send(m.encode(m.Hello(os.getpid(), ring.name, ring.slots, ring.slot_bytes)))
         assert isinstance(m.decode(sock.recv()), m.Ready)
         pixels = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
-        hops, trips = [], []
+        hops, trips, inference = [], [], []
+        engine = psutil.Process(proc.pid)
         for i in range(n + 100):
+            if i == 100:  # after the warm-up: CPU of both processes from here on
+                cpu0 = sum(engine.cpu_times()[:2]) + time.process_time()
             started = time.perf_counter()
             slot, gen = ring.acquire()
             ring.view(slot, pixels.shape)[...] = pixels
@@ -65,15 +69,61 @@ def measure(n: int, size: int) -> dict[str, float]:
             ring.release(reply.slot, reply.generation)
             if i >= 100:  # warm-up
                 trips.append(trip)
+                inference.append(reply.inference_ms * 1000)
                 hops.append(trip - reply.inference_ms * 1000)
+        cpu = sum(engine.cpu_times()[:2]) + time.process_time() - cpu0
         sock.close()
         q = statistics.quantiles(hops, n=100)
-        return {"n": n, "size": size, "hop_p50_us": statistics.median(hops), "hop_p90_us": q[89],
-                "hop_p99_us": q[98], "round_trip_p50_us": statistics.median(trips)}
+        return {
+            "n": n,
+            "size": size,
+            "hop_p50_us": statistics.median(hops),
+            "hop_p90_us": q[89],
+            "hop_p99_us": q[98],
+            "round_trip_p50_us": statistics.median(trips),
+            # CPU both processes spent per image, less the model's own run (single-threaded here):
+            # what the hop takes away from decoding and inference under load.
+            "hop_cpu_us": cpu / n * 1e6 - statistics.fmean(inference),
+            "zmq_echo_floor_p50_us": zmq_echo_floor(n),
+        }
     finally:
         proc.terminate()
         proc.wait(10)
         ring.close()
+        ctx.term()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+_ECHO = """
+import sys, zmq
+ctx = zmq.Context()
+s = ctx.socket(zmq.ROUTER)
+s.bind(sys.argv[1])
+while True:
+    s.send_multipart(s.recv_multipart())
+"""
+
+
+def zmq_echo_floor(n: int) -> float:
+    """p50 round trip of a bare 100-byte DEALER/ROUTER echo between two processes: this machine's floor."""
+    work = Path(tempfile.mkdtemp(prefix="rs-echo-"))
+    address = f"ipc://{work / 'echo.sock'}"
+    server = subprocess.Popen([sys.executable, "-c", _ECHO, address])
+    ctx = zmq.Context()
+    try:
+        sock = make_socket(ctx, address, zmq.DEALER, bind=False, immediate=False)
+        trips = []
+        for i in range(n + 100):
+            started = time.perf_counter()
+            sock.send(b"x" * 100)
+            sock.recv()
+            if i >= 100:
+                trips.append((time.perf_counter() - started) * 1e6)
+        sock.close()
+        return statistics.median(trips)
+    finally:
+        server.kill()
+        server.wait()
         ctx.term()
         shutil.rmtree(work, ignore_errors=True)
 
