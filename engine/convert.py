@@ -6,17 +6,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
 import time
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from loguru import logger
+
+from engine.repo_install import install, up_to_date
 
 __all__ = ["COCO_LABELS", "MODEL_NAME", "ConvertError", "default_cache_dir", "pull_default"]
 
@@ -186,35 +186,9 @@ def _check(model: Path) -> int:
     return 4
 
 
-def _up_to_date(model_dir: Path, sha256: str) -> bool:
-    try:
-        meta = tomllib.loads((model_dir / "model.toml").read_text())
-        return bool(meta["source"]["sha256"] == sha256) and all(
-            (model_dir / f).is_file() for f in ("labels.txt", "1/model.onnx")
-        )
-    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
-        return False
-
-
 def _write_repo(repo: Path, onnx_file: Path, sha256: str, max_batch: int) -> Path:
-    """Write model.toml, labels.txt and 1/model.onnx into <repo>/<MODEL_NAME>, atomically."""
-    repo.mkdir(parents=True, exist_ok=True)
-    target, old = repo / MODEL_NAME, repo / f".{MODEL_NAME}.{os.getpid()}.old"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", suffix=".tmp", dir=repo))
-    try:
-        (tmp / "1").mkdir()
-        shutil.copyfile(onnx_file, tmp / "1" / "model.onnx")
-        (tmp / "labels.txt").write_text("\n".join(COCO_LABELS) + "\n")
-        (tmp / "model.toml").write_text(_MODEL_TOML.format(sha256=sha256, max_batch_size=max_batch))
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    toml = _MODEL_TOML.format(sha256=sha256, max_batch_size=max_batch)
+    return install(repo, MODEL_NAME, onnx_file, list(COCO_LABELS), toml)
 
 
 def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = True, force: bool = False) -> Path:
@@ -227,7 +201,7 @@ def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = 
         source = _locate_source()
         bar.stage(f"hashing source {source.name}")
         sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
-        if not force and _up_to_date(repo / MODEL_NAME, sha256):
+        if not force and up_to_date(repo / MODEL_NAME, sha256):
             bar.done()
             logger.info("{} is up to date in {} (source sha256 {})", MODEL_NAME, repo, sha256[:12])
             return repo / MODEL_NAME

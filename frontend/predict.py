@@ -30,16 +30,17 @@ from frontend.settings import Settings
 from ipc.errors import BadInput, InvalidParameter, UnsupportedMedia
 from ipc.messages import ModelInfo, Tensor
 
-_RAW_TYPES = {
+# Raw bodies accepted as an image (the OpenAPI schema documents these too).
+RAW_TYPES = (
     "image/jpeg",
-    "image/jpg",
     "image/png",
     "image/webp",
     "image/bmp",
     "image/gif",
     "image/tiff",
     "application/octet-stream",
-}
+)
+_RAW_TYPES = {*RAW_TYPES, "image/jpg"}
 _DATA_URL = re.compile(rb"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _SPACE = re.compile(rb"\s+")
 # Decoding runs off the event loop (a 50-megapixel PNG takes seconds to inflate; the loop must keep
@@ -82,22 +83,28 @@ def b64decode(text: str) -> bytes:
         raise BadInput("image_b64 is not valid base64") from None
 
 
+def checked_query(request: Request) -> dict[str, str]:
+    """The request's query parameters, refusing unknown ones and any Content-Encoding."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMedia(f"Content-Encoding {encoding!r} is not accepted; send the images as they are")
+    query = dict(request.query_params)
+    unknown = set(query) - set(Params.model_fields)
+    if unknown:
+        raise InvalidParameter(f"unknown query parameters: {sorted(unknown)}")
+    return query
+
+
 async def read_upload(request: Request, settings: Settings) -> Upload:
     """One image from multipart (field ``image``), JSON ``{image_b64, ...}`` or a raw body."""
     from frontend.body import read_limited
 
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedMedia(f"Content-Encoding {encoding!r} is not accepted; send the image as it is")
+    query = checked_query(request)
     if ctype not in ("multipart/form-data", "application/json") and ctype not in _RAW_TYPES:
         if not ctype:
             raise UnsupportedMedia("a Content-Type is required (multipart/form-data, application/json or image/*)")
         raise UnsupportedMedia(f"unsupported Content-Type {ctype!r}")
-    query = dict(request.query_params)
-    unknown = set(query) - set(Params.model_fields)
-    if unknown:
-        raise InvalidParameter(f"unknown query parameters: {sorted(unknown)}")
     body = await read_limited(request, settings.max_body_bytes)
     if ctype == "multipart/form-data":
         request._body = body

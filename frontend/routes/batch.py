@@ -110,13 +110,7 @@ async def read_batch(request: Request, settings: Settings) -> list[Item]:
     if ctype not in ("multipart/form-data", "application/json"):
         what = f"unsupported Content-Type {ctype!r}" if ctype else "a Content-Type is required"
         raise UnsupportedMedia(f"{what} (multipart/form-data or application/json)")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedMedia(f"Content-Encoding {encoding!r} is not accepted; send the images as they are")
-    query = dict(request.query_params)
-    unknown = set(query) - set(Params.model_fields)
-    if unknown:
-        raise InvalidParameter(f"unknown query parameters: {sorted(unknown)}")
+    query = predict.checked_query(request)
     body = await read_limited(request, settings.max_body_bytes)
     if ctype == "multipart/form-data":
         return await _read_multipart(request, body, query, settings)

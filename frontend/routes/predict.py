@@ -36,18 +36,7 @@ _IMAGE_BODY = {
                 }
             },
             "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
-            **{
-                t: {"schema": {"type": "string", "format": "binary"}}
-                for t in (
-                    "image/jpeg",
-                    "image/png",
-                    "image/webp",
-                    "image/bmp",
-                    "image/gif",
-                    "image/tiff",
-                    "application/octet-stream",
-                )
-            },
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in predict.RAW_TYPES},
         },
     },
 }
