@@ -61,7 +61,7 @@ class PredictResponse(_Frozen):
     image: ImageSize
     detections: list[Detection] | None = None
     classes: list[ClassScore] | None = None
-    tensors: list[TensorData] | None = Field(None, description="the output tensors of a task = \"raw\" model")
+    tensors: list[TensorData] | None = Field(None, description='the output tensors of a task = "raw" model')
     timings: Timings
     batch_size: int
 

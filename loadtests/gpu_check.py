@@ -129,7 +129,10 @@ def nvidia_smi() -> str:
     try:
         return subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=15, check=False,
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return ""
@@ -148,12 +151,27 @@ def write_torchvision(name: str, repo: Path, batch_max: int) -> Path:
     x = torch.randn(2, 3, 224, 224)
     path = directory / "1" / "model.onnx"
     try:
-        torch.onnx.export(net, (x,), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            net,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+            opset_version=17,
+            dynamo=False,
+        )
     except Exception:
         batch = torch.export.Dim("N", min=1, max=max(batch_max, 64))
-        torch.onnx.export(net, (x,), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: batch}}, dynamo=True)
+        torch.onnx.export(
+            net,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: batch}},
+            dynamo=True,
+        )
     model = onnx.load(str(path))  # one file: weights inline (the engine loads bytes)
     for extra in directory.glob("1/*.data"):
         extra.unlink()
@@ -223,10 +241,12 @@ def compare(cfg: object, got: dict[str, np.ndarray], ref: dict[str, np.ndarray],
     for name, r in ref.items():
         g = got[name]
         report["outputs"][name] = {
-            "shape_ok": g.shape == r.shape, "dtype_ok": g.dtype == r.dtype,
+            "shape_ok": g.shape == r.shape,
+            "dtype_ok": g.dtype == r.dtype,
             "rel_l2": rel_l2(g, r) if g.shape == r.shape else None,
             "max_abs": float(np.max(np.abs(g.astype(np.float64) - r.astype(np.float64))))
-            if g.shape == r.shape else None,
+            if g.shape == r.shape
+            else None,
             "finite": bool(np.all(np.isfinite(g))) if g.dtype.kind == "f" else True,
         }
     shapes_ok = all(o["shape_ok"] and o["dtype_ok"] and o["finite"] for o in report["outputs"].values())
@@ -249,9 +269,13 @@ def compare(cfg: object, got: dict[str, np.ndarray], ref: dict[str, np.ndarray],
                     e = max((e for e in a if e.class_id == d.class_id), key=lambda e: iou(d, e))
                     worst_score = max(worst_score, abs(e.score - d.score))
             count_diff += abs(len(a) - len(b))
-        report["detections"] = {"reference": total, "matched": matched, "count_diff": count_diff,
-                                "max_score_diff": worst_score,
-                                "labels": sorted({d.label for b in dr for d in b if d.score >= 0.5})}
+        report["detections"] = {
+            "reference": total,
+            "matched": matched,
+            "count_diff": count_diff,
+            "max_score_diff": worst_score,
+            "labels": sorted({d.label for b in dr for d in b if d.score >= 0.5}),
+        }
         report["ok"] = shapes_ok and matched == total
     elif task == "classify":
         key = cfg.outputs.get("logits") or next(iter(ref))  # type: ignore[attr-defined]
@@ -286,13 +310,26 @@ def throughput(fn: Callable[[np.ndarray], object], inputs: list[np.ndarray], sec
             break
     total = time.perf_counter() - start
     arr = np.array(lat) * 1000
-    return {"images_per_s": n * i / total, "iterations": i, "first_ms": first_ms,
-            "median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90))}
+    return {
+        "images_per_s": n * i / total,
+        "iterations": i,
+        "first_ms": first_ms,
+        "median_ms": float(np.median(arr)),
+        "p90_ms": float(np.percentile(arr, 90)),
+    }
 
 
 # ----------------------------------------------------------------------------- engine end to end
-def engine_check(model_dir: Path, version: int, shape: tuple[int, int, int], photos: list[np.ndarray],
-                 requests: int, inflight: int, providers: str, timeout: float) -> dict:
+def engine_check(
+    model_dir: Path,
+    version: int,
+    shape: tuple[int, int, int],
+    photos: list[np.ndarray],
+    requests: int,
+    inflight: int,
+    providers: str,
+    timeout: float,
+) -> dict:
     import zmq
 
     from engine.launcher import wait_engine_ready
@@ -302,8 +339,20 @@ def engine_check(model_dir: Path, version: int, shape: tuple[int, int, int], pho
 
     run_dir = Path(tempfile.mkdtemp(prefix="rs-gpu-"))
     log_path = run_dir.with_suffix(".log")
-    cmd = [sys.executable, "-m", "engine", "engine", "--repo", str(model_dir.parent), "--run-dir", str(run_dir),
-           "--models", model_dir.name, "--providers", providers]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine",
+        "engine",
+        "--repo",
+        str(model_dir.parent),
+        "--run-dir",
+        str(run_dir),
+        "--models",
+        model_dir.name,
+        "--providers",
+        providers,
+    ]
     started = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -341,8 +390,20 @@ def engine_check(model_dir: Path, version: int, shape: tuple[int, int, int], pho
                 slot, gen = ring.acquire()
                 image = photos[0] if sent == 0 and photos else make_batch(photos, shape, 1, rng)[0]
                 ring.view(slot, shape)[...] = image
-                sock.send(m.encode(m.Infer(req_id=f"gpu-{sent}", model=info.name, version=version, slot=slot,
-                                           generation=gen, height=h, width=w, deadline=time.time() + 30)))
+                sock.send(
+                    m.encode(
+                        m.Infer(
+                            req_id=f"gpu-{sent}",
+                            model=info.name,
+                            version=version,
+                            slot=slot,
+                            generation=gen,
+                            height=h,
+                            width=w,
+                            deadline=time.time() + 30,
+                        )
+                    )
+                )
                 sent += 1
             if not sock.poll(30000):
                 raise TimeoutError(f"no answer from the engine after {done} of {requests}")
@@ -360,14 +421,19 @@ def engine_check(model_dir: Path, version: int, shape: tuple[int, int, int], pho
                     errors[reply.reason] += 1
         elapsed = time.perf_counter() - t0
         sizes = Counter(r.batch_size for r in results)
-        report.update({
-            "requests": requests, "inflight": inflight, "results": len(results), "errors": dict(errors),
-            "images_per_s": requests / elapsed,
-            "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
-            "inference_ms_median": float(np.median([r.inference_ms for r in results])) if results else None,
-            "queue_ms_median": float(np.median([r.queue_ms for r in results])) if results else None,
-            "first_image_results": first_labels,
-        })
+        report.update(
+            {
+                "requests": requests,
+                "inflight": inflight,
+                "results": len(results),
+                "errors": dict(errors),
+                "images_per_s": requests / elapsed,
+                "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
+                "inference_ms_median": float(np.median([r.inference_ms for r in results])) if results else None,
+                "queue_ms_median": float(np.median([r.queue_ms for r in results])) if results else None,
+                "first_image_results": first_labels,
+            }
+        )
     except Exception as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -392,16 +458,23 @@ def engine_check(model_dir: Path, version: int, shape: tuple[int, int, int], pho
         report["log_head"] = lines[:12]
         log_path.unlink(missing_ok=True)
         report["socket_left"] = (run_dir / "engine.sock").exists()
-    report["ok"] = (report.get("results") == requests and report.get("returncode") == 0
-                    and bool(report.get("providers")) and not report.get("error"))
+    report["ok"] = (
+        report.get("results") == requests
+        and report.get("returncode") == 0
+        and bool(report.get("providers"))
+        and not report.get("error")
+    )
     return report
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.gpu_check", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="pixel-detector",
-                   help="model directory (model.toml) or a file in it; 'pixel-detector' for the tests' tiny model")
+    p.add_argument(
+        "--model",
+        default="pixel-detector",
+        help="model directory (model.toml) or a file in it; 'pixel-detector' for the tests' tiny model",
+    )
     p.add_argument("--torchvision", default="", help="export this torchvision classifier (random weights) instead")
     p.add_argument("--version", type=int, default=0, help="model version (default: the latest)")
     p.add_argument("--providers", choices=("auto", "cuda", "cpu"), default="auto")
@@ -409,10 +482,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=3, help="fresh inputs per batch size for the comparison")
     p.add_argument("--seconds", type=float, default=2.0, help="timing loop per (mode, batch size)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core, like the engine)")
-    p.add_argument("--preload-dlls", action="store_true",
-                   help="call onnxruntime.preload_dlls() first (CUDA/cuDNN from nvidia-* pip packages)")
-    p.add_argument("--max-batch", type=int, default=0,
-                   help="CUDA: pad every batch to this size, as the engine does (default: the model's max_batch_size)")
+    p.add_argument(
+        "--preload-dlls",
+        action="store_true",
+        help="call onnxruntime.preload_dlls() first (CUDA/cuDNN from nvidia-* pip packages)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="CUDA: pad every batch to this size, as the engine does (default: the model's max_batch_size)",
+    )
     p.add_argument("--engine", action="store_true", help="also run the engine process end to end")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--inflight", type=int, default=16)
@@ -441,15 +521,27 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"python": platform.python_version(), "cores": default_threads(), "gpu": nvidia_smi(),
-                 "ld_library_path": os.environ.get("LD_LIBRARY_PATH", "")},
-        "onnxruntime": {"version": ort.__version__, "file": ort.__file__,
-                        "build_cuda": getattr(build, "cuda_version", ""),
-                        "available_providers": ort.get_available_providers()},
+        "host": {
+            "python": platform.python_version(),
+            "cores": default_threads(),
+            "gpu": nvidia_smi(),
+            "ld_library_path": os.environ.get("LD_LIBRARY_PATH", ""),
+        },
+        "onnxruntime": {
+            "version": ort.__version__,
+            "file": ort.__file__,
+            "build_cuda": getattr(build, "cuda_version", ""),
+            "available_providers": ort.get_available_providers(),
+        },
         "gpu_present": gpu_present(),
         "choose_providers": choose_providers(args.providers),
-        "model": {"name": cfg.name, "version": version, "task": cfg.task, "input": list(shape),
-                  "path": str(cfg.onnx_path(version))},
+        "model": {
+            "name": cfg.name,
+            "version": version,
+            "task": cfg.task,
+            "input": list(shape),
+            "path": str(cfg.onnx_path(version)),
+        },
         "threads": threads,
         "max_batch": args.max_batch or cfg.max_batch_size,
     }
@@ -462,8 +554,12 @@ def main(argv: list[str] | None = None) -> int:
         # max_batch: on CUDA every batch is padded to one shape, the model's max_batch_size (engine/session.py)
         gpu = OrtSession(model_bytes, "", providers, threads, max_batch=args.max_batch or cfg.max_batch_size)
         create_s = time.perf_counter() - t
-    report["session"] = {"providers": gpu.providers, "create_s": create_s, "output_names": gpu.output_names,
-                         "noise_at_create": noise.text.strip().splitlines()[:20]}
+    report["session"] = {
+        "providers": gpu.providers,
+        "create_s": create_s,
+        "output_names": gpu.output_names,
+        "noise_at_create": noise.text.strip().splitlines()[:20],
+    }
     cuda = gpu.providers[0] == CUDA
     t = time.perf_counter()
     cpu = OrtSession(model_bytes, "", [CPU], threads)
@@ -517,16 +613,18 @@ def main(argv: list[str] | None = None) -> int:
                 fn(x)
                 switch[key].append(round((time.perf_counter() - t) * 1000, 1))
         report["shape_switch"] = switch
-        step(f"batch sizes {seq}: OrtSession.run ms {switch['ortsession_ms']}, "
-             f"plain run at exact shapes ms {switch['plain_exact_shape_ms']}")
+        step(
+            f"batch sizes {seq}: OrtSession.run ms {switch['ortsession_ms']}, "
+            f"plain run at exact shapes ms {switch['plain_exact_shape_ms']}"
+        )
 
     if args.engine:
         step("engine end to end")
-        report["engine"] = engine_check(model_dir, version, shape, photos, args.requests, args.inflight,
-                                        args.providers, timeout=180)
+        report["engine"] = engine_check(
+            model_dir, version, shape, photos, args.requests, args.inflight, args.providers, timeout=180
+        )
 
-    report["ok"] = (all(e["ok"] for e in report["correctness"].values())
-                    and (not args.engine or report["engine"]["ok"]))
+    report["ok"] = all(e["ok"] for e in report["correctness"].values()) and (not args.engine or report["engine"]["ok"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print_table(report, cuda)
@@ -535,36 +633,49 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(r: dict, cuda: bool) -> None:
     print(f"\nonnxruntime {r['onnxruntime']['version']} ({r['onnxruntime']['file']})")
-    print(f"available: {r['onnxruntime']['available_providers']}  gpu_present: {r['gpu_present']}  "
-          f"gpu: {r['host']['gpu'] or '-'}")
-    print(f"choose_providers(): {r['choose_providers']}  session: {r['session']['providers']}  "
-          f"created in {r['session']['create_s']:.2f}s")
+    print(
+        f"available: {r['onnxruntime']['available_providers']}  gpu_present: {r['gpu_present']}  "
+        f"gpu: {r['host']['gpu'] or '-'}"
+    )
+    print(
+        f"choose_providers(): {r['choose_providers']}  session: {r['session']['providers']}  "
+        f"created in {r['session']['create_s']:.2f}s"
+    )
     noise = r["session"]["noise_at_create"] + r["session"]["noise_at_run"]
     print(f"ORT output at create/run: {len(noise)} lines" + (f": {noise[0][:150]}" if noise else ""))
-    print(f"model {r['model']['name']}/{r['model']['version']} ({r['model']['task']}) input {r['model']['input']}, "
-          f"inputs: {r['inputs']}, {r['threads']} threads")
+    print(
+        f"model {r['model']['name']}/{r['model']['version']} ({r['model']['task']}) input {r['model']['input']}, "
+        f"inputs: {r['inputs']}, {r['threads']} threads"
+    )
     print("\nbatch  same-as-CPU  worst rel-L2 per output")
     for n, e in r["correctness"].items():
         worst = ", ".join(f"{k}={v:.1e}" for k, v in e["worst_rel_l2"].items())
         det = e["trials"][0].get("detections")
-        extra = f"  detections matched {sum(t['detections']['matched'] for t in e['trials'])}/" \
-                f"{sum(t['detections']['reference'] for t in e['trials'])}" if det else ""
+        extra = (
+            f"  detections matched {sum(t['detections']['matched'] for t in e['trials'])}/"
+            f"{sum(t['detections']['reference'] for t in e['trials'])}"
+            if det
+            else ""
+        )
         print(f"{n:>5}  {'yes' if e['ok'] else 'NO':<11}  {worst}{extra}")
     modes = list(next(iter(r["throughput"].values())))
     print("\nimages/s (median ms per batch; first call ms)")
     print("batch  " + "  ".join(f"{m:>28}" for m in modes))
     for n, row in r["throughput"].items():
-        cells = [f"{row[m]['images_per_s']:8.1f} ({row[m]['median_ms']:6.2f}; {row[m]['first_ms']:7.1f})"
-                 for m in modes]
+        cells = [
+            f"{row[m]['images_per_s']:8.1f} ({row[m]['median_ms']:6.2f}; {row[m]['first_ms']:7.1f})" for m in modes
+        ]
         print(f"{n:>5}  " + "  ".join(f"{c:>28}" for c in cells))
     if "engine" in r:
         e = r["engine"]
-        print(f"\nengine: ok={e['ok']} providers={e.get('providers')} ready in {e.get('ready_s', 0):.1f}s, "
-              f"{e.get('results')}/{e.get('requests')} results, errors {e.get('errors')}, "
-              f"{e.get('images_per_s', 0):.1f} images/s with {e.get('inflight')} in flight, "
-              f"batch sizes {e.get('batch_sizes')}, inference median {e.get('inference_ms_median')} ms, "
-              f"first image: {e.get('first_image_results')}, exit {e.get('returncode')}, "
-              f"log noise {len(e.get('log_noise', []))} lines" + (f", error: {e['error']}" if e.get("error") else ""))
+        print(
+            f"\nengine: ok={e['ok']} providers={e.get('providers')} ready in {e.get('ready_s', 0):.1f}s, "
+            f"{e.get('results')}/{e.get('requests')} results, errors {e.get('errors')}, "
+            f"{e.get('images_per_s', 0):.1f} images/s with {e.get('inflight')} in flight, "
+            f"batch sizes {e.get('batch_sizes')}, inference median {e.get('inference_ms_median')} ms, "
+            f"first image: {e.get('first_image_results')}, exit {e.get('returncode')}, "
+            f"log noise {len(e.get('log_noise', []))} lines" + (f", error: {e['error']}" if e.get("error") else "")
+        )
     print(f"\nOK: {r['ok']}")
 
 

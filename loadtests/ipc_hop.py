@@ -40,9 +40,22 @@ def measure(n: int, size: int) -> dict[str, float]:
 
     work = Path(tempfile.mkdtemp(prefix="rs-hop-"))
     write_pixel_detector(work / "repo", size=size, max_batch_size=1, delay_ms=0.0)
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "engine", "--repo", str(work / "repo"),
-                             "--run-dir", str(work / "run"), "--threads", "1"], cwd=ROOT,
-                            env={**os.environ, "RINGSERVE_LOG_LEVEL": "WARNING"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "engine",
+            "--repo",
+            str(work / "repo"),
+            "--run-dir",
+            str(work / "run"),
+            "--threads",
+            "1",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "RINGSERVE_LOG_LEVEL": "WARNING"},
+    )
     ring = Ring(4, size * size * 3)
     ctx = zmq.Context()
     try:

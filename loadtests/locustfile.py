@@ -57,13 +57,26 @@ class Image:
 
 
 def _part(field: str, p: Payload) -> bytes:
-    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{p.name}.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n").encode() + p.jpeg + b"\r\n"
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{p.name}.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + p.jpeg
+        + b"\r\n"
+    )
 
 
 def _images() -> list[Image]:
-    return [Image(p, f"{p.width}x{p.height}", base64.b64encode(p.jpeg).decode(),
-                  _part("image", p) + f"--{BOUNDARY}--\r\n".encode()) for p in build()]
+    return [
+        Image(
+            p,
+            f"{p.width}x{p.height}",
+            base64.b64encode(p.jpeg).decode(),
+            _part("image", p) + f"--{BOUNDARY}--\r\n".encode(),
+        )
+        for p in build()
+    ]
 
 
 IMAGES = _images()  # once per Locust process, before any user starts
@@ -72,8 +85,13 @@ MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 
 @events.init_command_line_parser.add_listener
 def _options(parser: Any) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, env_var="LOCUST_MODEL", include_in_web_ui=True,
-                        help="model of the V2 task (default: the default detector)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        env_var="LOCUST_MODEL",
+        include_in_web_ui=True,
+        help="model of the V2 task (default: the default detector)",
+    )
 
 
 def check_items(body: dict[str, Any], items: Any, expect: str | None) -> str:
@@ -189,8 +207,13 @@ class ImageUser(FastHttpUser):
 
     # ----------------------------------------------------------------------- REST, one image
     def _single(self, name: str, img: Image, body: bytes, ctype: str) -> None:
-        with self.client.post("/api/v1/predict", data=body, headers={"Content-Type": ctype},
-                              name=f"{name} {img.size}", catch_response=True) as r:
+        with self.client.post(
+            "/api/v1/predict",
+            data=body,
+            headers={"Content-Type": ctype},
+            name=f"{name} {img.size}",
+            catch_response=True,
+        ) as r:
             _judge(r, check_single(r.content, img.payload.expect) if r.status_code == 200 else "")
 
     @tag("multipart")
@@ -213,8 +236,13 @@ class ImageUser(FastHttpUser):
 
     # ------------------------------------------------------------------------------- batch
     def _batch(self, name: str, images: list[Image], body: bytes, ctype: str) -> None:
-        with self.client.post("/api/v1/predict/batch", data=body, headers={"Content-Type": ctype},
-                              name=f"{name} x{len(images)}", catch_response=True) as r:
+        with self.client.post(
+            "/api/v1/predict/batch",
+            data=body,
+            headers={"Content-Type": ctype},
+            name=f"{name} x{len(images)}",
+            catch_response=True,
+        ) as r:
             why = ""
             if r.status_code == 200:
                 try:
@@ -223,8 +251,11 @@ class ImageUser(FastHttpUser):
                     if len(results) != len(images):
                         why = f"{len(results)} results for {len(images)} images"
                     for img, res in zip(images, results, strict=False):
-                        why = why or res.get("error", "") or check_items(
-                            answer, res.get("detections", res.get("classes")), img.payload.expect)
+                        why = (
+                            why
+                            or res.get("error", "")
+                            or check_items(answer, res.get("detections", res.get("classes")), img.payload.expect)
+                        )
                 except (orjson.JSONDecodeError, AttributeError) as exc:
                     why = f"malformed batch answer: {exc}"
             _judge(r, why)
@@ -252,14 +283,27 @@ class ImageUser(FastHttpUser):
     def v2_binary(self) -> None:
         """Open Inference Protocol: a BYTES [1] input of the encoded image, in the binary extension."""
         img = self._next()
-        header = orjson.dumps({
-            "inputs": [{"name": feature(self, "v2"), "shape": [1], "datatype": "BYTES",
-                        "parameters": {"binary_data_size": 4 + len(img.payload.jpeg)}}],
-        })
+        header = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": feature(self, "v2"),
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "parameters": {"binary_data_size": 4 + len(img.payload.jpeg)},
+                    }
+                ],
+            }
+        )
         body = header + struct.pack("<I", len(img.payload.jpeg)) + img.payload.jpeg
         headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
-        with self.client.post(f"/v2/models/{self.model}/infer", data=body, headers=headers,
-                              name=f"v2 binary {img.size}", catch_response=True) as r:
+        with self.client.post(
+            f"/v2/models/{self.model}/infer",
+            data=body,
+            headers=headers,
+            name=f"v2 binary {img.size}",
+            catch_response=True,
+        ) as r:
             _judge(r, _check_v2(r, img.payload.expect) if r.status_code == 200 else "")
 
     # ---------------------------------------------------------------------------- WebSocket
@@ -293,8 +337,12 @@ class ImageUser(FastHttpUser):
             error = exc
             self.on_stop()
         self.environment.events.request.fire(
-            request_type="WS", name=f"ws frame {img.size}", response_time=(time.perf_counter() - started) * 1000,
-            response_length=length, exception=error, context={},
+            request_type="WS",
+            name=f"ws frame {img.size}",
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=length,
+            exception=error,
+            context={},
         )
 
 

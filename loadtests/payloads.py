@@ -57,11 +57,7 @@ def build(photos: tuple[str, ...] = tuple(EXPECT), sizes: tuple[tuple[int, int],
         sys.path.insert(0, str(ROOT))
     from tests.photos import photo
 
-    return [
-        Payload(name, w, h, encode(photo(name), w, h), EXPECT.get(name))
-        for name in photos
-        for (w, h) in sizes
-    ]
+    return [Payload(name, w, h, encode(photo(name), w, h), EXPECT.get(name)) for name in photos for (w, h) in sizes]
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:

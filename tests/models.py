@@ -59,8 +59,14 @@ def pixel_detector_onnx(size: int = 64) -> onnx.ModelProto:
 
 
 def write_pixel_detector(
-    repo: Path, name: str = "pixels", *, size: int = 64, versions: tuple[int, ...] = (1,),
-    max_batch_size: int = 8, delay_ms: float = 5.0, queue_limit: int = 256,
+    repo: Path,
+    name: str = "pixels",
+    *,
+    size: int = 64,
+    versions: tuple[int, ...] = (1,),
+    max_batch_size: int = 8,
+    delay_ms: float = 5.0,
+    queue_limit: int = 256,
 ) -> Path:
     directory = repo / name
     for v in versions:

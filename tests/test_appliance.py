@@ -115,26 +115,30 @@ def test_only_the_engine_loads_onnxruntime(pixel_repo: Path, no_leaks: None) -> 
         assert not has_ort(app.uvicorn_pid())
 
 
-@pytest.mark.parametrize(
-    ("body", "ctype", "status"),
-    [
-        (b"this is not an image at all", "image/jpeg", 400),
-        (b"", "image/png", 400),
-        ("truncated", "image/jpeg", 400),
-        ("huge-header", "image/jpeg", 413),
-        (b"{}", "text/plain", 415),
-    ],
-)
-def test_bad_input_basics(pixel_repo: Path, no_leaks: None, body: object, ctype: str, status: int) -> None:
+_BAD = [
+    (b"this is not an image at all", "image/jpeg", 400),
+    (b"", "image/png", 400),
+    ("truncated", "image/jpeg", 400),
+    ("huge-header", "image/jpeg", 413),
+    (b"{}", "text/plain", 415),
+]
+
+
+def test_bad_input_basics(pixel_repo: Path, no_leaks: None) -> None:
+    """Each bad body gets its 4xx JSON error, and the appliance keeps answering correctly after it.
+
+    (tests/test_hostile.py has the full parametrised list; these are the core issue's basics.)
+    """
     with Appliance(pixel_repo, workers=1) as app:
-        data = _bad_body(body)
-        r = httpx.post(f"{app.url}/api/v1/predict", content=data, headers={"content-type": ctype})
-        assert r.status_code == status, r.text
-        err = r.json()
-        assert set(err) == {"error", "detail", "request_id"}
-        ok = httpx.post(f"{app.url}/api/v1/predict", content=png((200, 100, 50)), headers={"content-type": "image/png"})
-        assert ok.status_code == 200, ok.text
-        assert ok.json()["detections"][0]["bbox"] == pytest.approx(expected_box((200, 100, 50), 96, 64), abs=0.6)
+        for body, ctype, status in _BAD:
+            r = httpx.post(f"{app.url}/api/v1/predict", content=_bad_body(body), headers={"content-type": ctype})
+            assert r.status_code == status, (body if isinstance(body, str) else body[:20], r.text)
+            assert set(r.json()) == {"error", "detail", "request_id"}
+            ok = httpx.post(
+                f"{app.url}/api/v1/predict", content=png((200, 100, 50)), headers={"content-type": "image/png"}
+            )
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["detections"][0]["bbox"] == pytest.approx(expected_box((200, 100, 50), 96, 64), abs=0.6)
 
 
 def _bad_body(body: object) -> bytes:

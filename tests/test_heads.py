@@ -11,8 +11,16 @@ import pytest
 from engine import heads
 from engine.repository import InputConfig, ModelConfig
 
-CFG = ModelConfig(name="c", directory=Path("/nonexistent"), task="classify", input=InputConfig(height=8, width=8),
-                  labels=("cat", "dog", "cup", "car"), confidence=0.0, max_detections=3, top_k=3)
+CFG = ModelConfig(
+    name="c",
+    directory=Path("/nonexistent"),
+    task="classify",
+    input=InputConfig(height=8, width=8),
+    labels=("cat", "dog", "cup", "car"),
+    confidence=0.0,
+    max_detections=3,
+    top_k=3,
+)
 
 
 def test_softmax_top_k_with_labels() -> None:
@@ -30,7 +38,10 @@ def test_probabilities_floor_and_count_per_request() -> None:
     cfg = replace(CFG, softmax=False)
     params = [heads.Params(0.0, 3), heads.Params(0.2, 3), heads.Params(0.0, 1)]
     a, b, c = heads.classify({"probs": probs}, cfg, params)
-    assert [(x.label, x.score) for x in a] == [("dog", pytest.approx(0.6)), ("cup", pytest.approx(0.25)),
-                                               ("cat", pytest.approx(0.1))]
+    assert [(x.label, x.score) for x in a] == [
+        ("dog", pytest.approx(0.6)),
+        ("cup", pytest.approx(0.25)),
+        ("cat", pytest.approx(0.1)),
+    ]
     assert [x.label for x in b] == ["dog", "cup"]
     assert [x.label for x in c] == ["dog"]

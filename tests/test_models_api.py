@@ -93,8 +93,9 @@ def test_each_model_batches_on_its_own(multi: Appliance) -> None:
 
 @pytest.mark.parametrize("model", ["yolo-v5", "yolo-v8"])
 @pytest.mark.parametrize(("size", "rect"), [((300, 180), (60, 40, 201, 131)), ((190, 310), (17, 101, 150, 290))])
-def test_yolo_boxes_come_back_in_original_pixels(multi: Appliance, model: str, size: tuple[int, int],
-                                                 rect: tuple[int, int, int, int]) -> None:
+def test_yolo_boxes_come_back_in_original_pixels(
+    multi: Appliance, model: str, size: tuple[int, int], rect: tuple[int, int, int, int]
+) -> None:
     """Generated YOLO models (v5 and v8 layouts), letterboxed non-square photos, landscape and portrait."""
     r = post(f"{multi.url}/api/v1/models/{model}/predict", rectangle_png(size, rect))
     assert r.status_code == 200, r.text
@@ -103,7 +104,10 @@ def test_yolo_boxes_come_back_in_original_pixels(multi: Appliance, model: str, s
     dets = body["detections"]
     # NMS removed the shifted duplicate of "person", kept "dog" on the same box; "kite" 0.2 is under 0.3
     assert [(d["label"], d["class_id"], d["confidence"]) for d in dets] == [
-        ("person", 0, 0.9), ("dog", 1, 0.7), ("kite", 2, 0.6)]
+        ("person", 0, 0.9),
+        ("dog", 1, 0.7),
+        ("kite", 2, 0.6),
+    ]
     for det in dets[:2]:  # the box the model found around the white rectangle
         assert det["bbox"] == pytest.approx(list(rect), abs=1.0), (det["bbox"], rect)
     height, width = (224, 288) if model == "yolo-v5" else (256, 256)
@@ -114,14 +118,18 @@ def test_yolo_boxes_come_back_in_original_pixels(multi: Appliance, model: str, s
 def test_request_thresholds_reach_the_yolo_head(multi: Appliance) -> None:
     data = rectangle_png((300, 180), (60, 40, 201, 131))
     url = f"{multi.url}/api/v1/models/yolo-v5/predict"
-    r = httpx.post(url, files={"image": ("r.png", data, "image/png")},
-                   data={"confidence_threshold": "0.1", "max_detections": "3"}, timeout=30)
+    r = httpx.post(
+        url,
+        files={"image": ("r.png", data, "image/png")},
+        data={"confidence_threshold": "0.1", "max_detections": "3"},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     assert [d["label"] for d in r.json()["detections"]] == ["person", "dog", "kite"]
-    low = httpx.post(url, files={"image": ("r.png", data, "image/png")},
-                     data={"confidence_threshold": "0.1"}, timeout=30).json()["detections"]
-    assert [(d["label"], d["confidence"]) for d in low] == [("person", 0.9), ("dog", 0.7), ("kite", 0.6),
-                                                             ("kite", 0.2)]
+    low = httpx.post(
+        url, files={"image": ("r.png", data, "image/png")}, data={"confidence_threshold": "0.1"}, timeout=30
+    ).json()["detections"]
+    assert [(d["label"], d["confidence"]) for d in low] == [("person", 0.9), ("dog", 0.7), ("kite", 0.6), ("kite", 0.2)]
 
 
 def test_model_listing(multi: Appliance) -> None:
@@ -138,7 +146,11 @@ def test_model_listing(multi: Appliance) -> None:
     yolo = httpx.get(f"{multi.url}/api/v1/models/yolo-v8").json()
     [detail] = yolo["details"]
     assert (yolo["task"], detail["resize"], detail["labels_count"], detail["default_confidence"]) == (
-        "yolo", "letterbox", 3, 0.3)
+        "yolo",
+        "letterbox",
+        3,
+        0.3,
+    )
     # The wire input: uint8 NHWC at the model's size (the float NCHW preprocessing is in the graph).
     assert detail["inputs"] == [{"name": "ringserve_pixels", "datatype": "tensor(uint8)", "shape": [-1, 256, 256, 3]}]
     assert detail["outputs"] == [{"name": "output", "datatype": "tensor(float)", "shape": [-1, 7, 5]}]
@@ -202,8 +214,9 @@ def test_bad_models_are_reported_and_the_others_served(tmp_path: Path) -> None:
         assert ok.status_code == 200 and ok.json()["model"] == {"name": "good", "version": 1}
         # the good version of a half-broken model serves; its bad version does not
         assert post(f"{app.url}/api/v1/models/half-broken/predict", png((9, 9, 9))).json()["model"]["version"] == 1
-        assert_error(post(f"{app.url}/api/v1/models/half-broken/versions/2/predict", png((9, 9, 9))), 404,
-                     "model_not_found")
+        assert_error(
+            post(f"{app.url}/api/v1/models/half-broken/versions/2/predict", png((9, 9, 9))), 404, "model_not_found"
+        )
         assert_error(post(f"{app.url}/api/v1/models/bad-field/predict", png((9, 9, 9))), 404, "model_not_found")
 
 
@@ -230,8 +243,11 @@ def real() -> Iterator[Appliance]:
 @pytest.mark.timeout(400)  # the fixture may build EfficientNet (~25 s) and loads the SSD (slow on busy cores)
 def test_the_classifier_knows_coffee_and_the_detector_a_cat(real: Appliance) -> None:
     coffee = photo("coffee").read_bytes()
-    r = httpx.post(f"{real.url}/api/v1/models/efficientnet-lite0/predict",
-                   files={"image": ("coffee.jpg", coffee, "image/jpeg")}, timeout=30)
+    r = httpx.post(
+        f"{real.url}/api/v1/models/efficientnet-lite0/predict",
+        files={"image": ("coffee.jpg", coffee, "image/jpeg")},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == {"name": "efficientnet-lite0", "version": 1} and "detections" not in body
@@ -241,12 +257,16 @@ def test_the_classifier_knows_coffee_and_the_detector_a_cat(real: Appliance) -> 
     assert top["label"] in ("espresso", "cup", "coffee mug"), classes
     assert top["class_id"] in (967, 968, 504) and top["confidence"] > 0.5
     assert all(not c["label"].isdigit() for c in classes)
-    two = httpx.post(f"{real.url}/api/v1/models/efficientnet-lite0/predict",
-                     files={"image": ("coffee.jpg", coffee, "image/jpeg")},
-                     data={"max_detections": "2"}, timeout=30).json()["classes"]
+    two = httpx.post(
+        f"{real.url}/api/v1/models/efficientnet-lite0/predict",
+        files={"image": ("coffee.jpg", coffee, "image/jpeg")},
+        data={"max_detections": "2"},
+        timeout=30,
+    ).json()["classes"]
     assert [c["label"] for c in two] == [c["label"] for c in classes[:2]]
-    cat = httpx.post(f"{real.url}/api/v1/predict", files={"image": ("cat.jpg", photo("cat").read_bytes(),
-                                                                      "image/jpeg")}, timeout=30).json()
+    cat = httpx.post(
+        f"{real.url}/api/v1/predict", files={"image": ("cat.jpg", photo("cat").read_bytes(), "image/jpeg")}, timeout=30
+    ).json()
     assert cat["model"]["name"] == "ssd-mobilenet-v2-coco"
     assert "cat" in [d["label"] for d in cat["detections"]]
     listing = {m["name"]: m for m in httpx.get(f"{real.url}/api/v1/models").json()["models"]}

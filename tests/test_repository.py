@@ -14,8 +14,12 @@ from engine.repository import ModelConfigError, load_config, scan
 from tests.models import write_pixel_detector
 
 
-def identity_onnx(shape: list[int | str], dtype: int = TensorProto.FLOAT, out_shape: list[int | str] | None = None,
-                  extra_input: bool = False) -> onnx.ModelProto:
+def identity_onnx(
+    shape: list[int | str],
+    dtype: int = TensorProto.FLOAT,
+    out_shape: list[int | str] | None = None,
+    extra_input: bool = False,
+) -> onnx.ModelProto:
     """A graph whose output ``y`` is its input ``x`` (optionally reshaped to ``out_shape``)."""
     x = helper.make_tensor_value_info("x", dtype, shape)
     inputs = [x]
@@ -23,14 +27,21 @@ def identity_onnx(shape: list[int | str], dtype: int = TensorProto.FLOAT, out_sh
     if extra_input:
         inputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [1]))
     y = helper.make_tensor_value_info("y", dtype, out_shape or shape)
-    model = helper.make_model(helper.make_graph(nodes, "identity", inputs, [y]),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "identity", inputs, [y]), opset_imports=[helper.make_opsetid("", 18)]
+    )
     model.ir_version = 9
     return model
 
 
-def write_model(repo: Path, name: str, toml: str, model: onnx.ModelProto | None = None,
-                versions: tuple[int, ...] = (1,), labels: str | None = None) -> Path:
+def write_model(
+    repo: Path,
+    name: str,
+    toml: str,
+    model: onnx.ModelProto | None = None,
+    versions: tuple[int, ...] = (1,),
+    labels: str | None = None,
+) -> Path:
     directory = repo / name
     directory.mkdir(parents=True, exist_ok=True)
     for v in versions:
@@ -125,7 +136,7 @@ def test_defaults_by_task(tmp_path: Path) -> None:
         (lambda t: t + "[thresholds]\niou = 0\n", "thresholds.iou"),
         (lambda t: t + "[batching]\nmax_batch_size = 0\n", "batching.max_batch_size"),
         (lambda t: t + "[batching]\nmax_queue_delay_ms = true\n", "batching.max_queue_delay_ms"),
-        (lambda t: t + "[outputs]\nboxes = \"y\"\n", "outputs.boxes"),
+        (lambda t: t + '[outputs]\nboxes = "y"\n', "outputs.boxes"),
         (lambda t: t + "[head]\nsoftmax = false\n", "head.softmax"),
         (lambda t: t.replace('"raw"', '"yolo"'), "head.num_classes"),
         (lambda t: t + 'labels = "labels.txt"\n', "input.labels"),  # a top-level key after [input]
@@ -179,14 +190,23 @@ def test_scan_keeps_the_good_models_and_names_the_bad_ones(tmp_path: Path) -> No
         (RAW, identity_onnx(["N", 3, 8, 8], extra_input=True), "input.name", None),
         (RAW + "[batching]\nmax_batch_size = 4\n", identity_onnx([1, 3, 8, 8]), "batching.max_batch_size", None),
         (RAW.replace('"raw"', '"classify"') + '[outputs]\nlogits = "probs"\n', None, "outputs.logits", None),
-        ('labels = "labels.txt"\n' + RAW.replace('"raw"', '"classify"'),
-         identity_onnx(["N", 3, 8, 8], out_shape=["N", 5]), "labels", "a\nb\nc\n"),
-        ('labels = "labels.txt"\n' + RAW.replace('"raw"', '"yolo"'),
-         identity_onnx(["N", 3, 8, 8], out_shape=["N", 100, 9]), "head.num_classes", "a\nb\nc\n"),
+        (
+            'labels = "labels.txt"\n' + RAW.replace('"raw"', '"classify"'),
+            identity_onnx(["N", 3, 8, 8], out_shape=["N", 5]),
+            "labels",
+            "a\nb\nc\n",
+        ),
+        (
+            'labels = "labels.txt"\n' + RAW.replace('"raw"', '"yolo"'),
+            identity_onnx(["N", 3, 8, 8], out_shape=["N", 100, 9]),
+            "head.num_classes",
+            "a\nb\nc\n",
+        ),
     ],
 )
-def test_the_graph_must_fit_the_model_toml(tmp_path: Path, toml: str, model: onnx.ModelProto | None, field: str,
-                                           labels: str | None) -> None:
+def test_the_graph_must_fit_the_model_toml(
+    tmp_path: Path, toml: str, model: onnx.ModelProto | None, field: str, labels: str | None
+) -> None:
     cfg = load_config(write_model(tmp_path, "m", toml, model, labels=labels))
     with pytest.raises(ModelConfigError) as err:
         prepare(cfg, cfg.onnx_path(1))
@@ -195,8 +215,9 @@ def test_the_graph_must_fit_the_model_toml(tmp_path: Path, toml: str, model: onn
 
 
 def test_a_fitting_graph_loads_with_symbolic_dims(tmp_path: Path) -> None:
-    cfg = load_config(write_model(tmp_path, "m", RAW + "[batching]\nmax_batch_size = 8\n",
-                                  identity_onnx(["batch", 3, "h", "w"])))
+    cfg = load_config(
+        write_model(tmp_path, "m", RAW + "[batching]\nmax_batch_size = 8\n", identity_onnx(["batch", 3, "h", "w"]))
+    )
     folded = onnx.load_from_string(prepare(cfg, cfg.onnx_path(1)))
     [wire] = folded.graph.input
     assert wire.type.tensor_type.elem_type == TensorProto.UINT8

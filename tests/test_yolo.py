@@ -98,15 +98,26 @@ def yolo_onnx(height: int, width: int, layout: str) -> onnx.ModelProto:
         out_shape = ["N", 4 + c, a]
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, height, width])
     y = helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)
-    model = helper.make_model(helper.make_graph(nodes, f"yolo_{layout}", [x], [y], inits),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        helper.make_graph(nodes, f"yolo_{layout}", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)]
+    )
     model.ir_version = 9
     onnx.checker.check_model(model)
     return model
 
 
-def write_yolo(repo: Path, name: str, layout: str, *, height: int = 256, width: int = 256, task: str = "yolo",
-               versions: tuple[int, ...] = (1,), max_batch_size: int = 8, delay_ms: float = 2.0) -> Path:
+def write_yolo(
+    repo: Path,
+    name: str,
+    layout: str,
+    *,
+    height: int = 256,
+    width: int = 256,
+    task: str = "yolo",
+    versions: tuple[int, ...] = (1,),
+    max_batch_size: int = 8,
+    delay_ms: float = 2.0,
+) -> Path:
     directory = repo / name
     for v in versions:
         (directory / str(v)).mkdir(parents=True, exist_ok=True)
@@ -170,8 +181,16 @@ def letterbox_back(box: tuple[float, ...], size: tuple[int, int], height: int, w
 
 
 def _cfg(layout: str = "auto", num_classes: int = 3) -> ModelConfig:
-    return ModelConfig(name="y", directory=Path("/nonexistent"), task="yolo", input=InputConfig(height=64, width=64),
-                       labels=CLASSES[:num_classes], num_classes=num_classes, yolo_layout=layout, iou=0.5)
+    return ModelConfig(
+        name="y",
+        directory=Path("/nonexistent"),
+        task="yolo",
+        input=InputConfig(height=64, width=64),
+        labels=CLASSES[:num_classes],
+        num_classes=num_classes,
+        yolo_layout=layout,
+        iou=0.5,
+    )
 
 
 def test_decode_reads_both_layouts_the_same() -> None:
@@ -205,8 +224,17 @@ def test_layout_resolution() -> None:
 
 
 def test_nms_is_class_aware() -> None:
-    boxes = np.array([[10, 10, 50, 50], [12, 11, 51, 52], [10, 10, 50, 50], [100, 100, 120, 130],
-                      [-30, -20, 5, 5], [-29, -20, 5, 6]], dtype=np.float32)
+    boxes = np.array(
+        [
+            [10, 10, 50, 50],
+            [12, 11, 51, 52],
+            [10, 10, 50, 50],
+            [100, 100, 120, 130],
+            [-30, -20, 5, 5],
+            [-29, -20, 5, 6],
+        ],
+        dtype=np.float32,
+    )
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], dtype=np.float32)
     classes = np.array([0, 0, 1, 0, 2, 2])
     keep = nms(boxes, scores, classes, 0.45, 100)
@@ -219,8 +247,15 @@ def test_nms_is_class_aware() -> None:
 
 def test_head_applies_confidence_and_limit_per_request() -> None:
     # batch of 2 with the same candidates; request 1 asks for a higher floor and one detection
-    rows = np.array([[30, 30, 20, 20, 0.9, 0.0, 0.0], [31, 30, 20, 20, 0.8, 0.0, 0.0],
-                     [30, 30, 20, 20, 0.0, 0.6, 0.0], [5, 5, 4, 4, 0.0, 0.0, 0.35]], dtype=np.float32)
+    rows = np.array(
+        [
+            [30, 30, 20, 20, 0.9, 0.0, 0.0],
+            [31, 30, 20, 20, 0.8, 0.0, 0.0],
+            [30, 30, 20, 20, 0.0, 0.6, 0.0],
+            [5, 5, 4, 4, 0.0, 0.0, 0.35],
+        ],
+        dtype=np.float32,
+    )
     batch = np.stack([rows.T, rows.T])  # v8
     params = [heads.Params(confidence=0.3, max_detections=100), heads.Params(confidence=0.5, max_detections=1)]
     first, second = heads.yolo({"output": batch}, _cfg(), params)

@@ -156,8 +156,13 @@ class V2Api:
 _ERROR_BODY = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": what, "content": {"application/json": {"schema": _ERROR_BODY}}}
-    for code, what in ((400, "invalid request or unknown model"), (401, "missing or wrong API key"),
-                       (404, "not found"), (500, "internal error"), (503, "engine unavailable or overloaded"))
+    for code, what in (
+        (400, "invalid request or unknown model"),
+        (401, "missing or wrong API key"),
+        (404, "not found"),
+        (500, "internal error"),
+        (503, "engine unavailable or overloaded"),
+    )
 }
 
 

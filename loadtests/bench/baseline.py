@@ -76,12 +76,19 @@ class Model:
             if scores[k] < self.confidence:
                 continue
             y1, x1, y2, x2 = boxes[k]
-            found.append({
-                "label": self.label(int(classes[k])), "class_id": int(classes[k]),
-                "confidence": round(float(scores[k]), 4),
-                "bbox": [round(float(x1) * width, 2), round(float(y1) * height, 2),
-                         round(float(x2) * width, 2), round(float(y2) * height, 2)],
-            })
+            found.append(
+                {
+                    "label": self.label(int(classes[k])),
+                    "class_id": int(classes[k]),
+                    "confidence": round(float(scores[k]), 4),
+                    "bbox": [
+                        round(float(x1) * width, 2),
+                        round(float(y1) * height, 2),
+                        round(float(x2) * width, 2),
+                        round(float(y2) * height, 2),
+                    ],
+                }
+            )
         return found
 
     def _classes(self, outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:

@@ -48,9 +48,13 @@ class Request:
 
 def multipart(spec: Spec, name: str, jpeg: bytes) -> bytes:
     body = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{name}.jpg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode() + jpeg + f"\r\n--{BOUNDARY}--\r\n".encode()
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{name}.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + jpeg
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
     head = (
         f"POST {spec.path} HTTP/1.1\r\nHost: {spec.host}:{spec.port}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -149,8 +153,14 @@ class Loop:
                     reason = str(status)
                 else:
                     reason = check(body, spec.answer_key, req.expect)
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, HTTPError,
-                    ValueError) as exc:
+            except (
+                OSError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                TimeoutError,
+                HTTPError,
+                ValueError,
+            ) as exc:
                 reason, keep = f"conn:{type(exc).__name__}", False
             finished = time.perf_counter()
             if self.start <= finished <= self.end:
@@ -192,6 +202,7 @@ def run(spec: Spec) -> dict[str, object]:
     loop = Loop(spec, requests)
     try:
         import uvloop  # the servers use it too; it halves the client's CPU per request
+
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run

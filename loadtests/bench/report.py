@@ -19,8 +19,14 @@ def latency_summary(sorted_ms: list[float], seconds: float) -> dict[str, float]:
             return float("nan")
         return sorted_ms[min(len(sorted_ms) - 1, max(0, round(q / 100 * len(sorted_ms)) - 1))]
 
-    return {"requests": len(sorted_ms), "rps": len(sorted_ms) / seconds, "p50_ms": pct(50), "p95_ms": pct(95),
-            "p99_ms": pct(99), "mean_ms": statistics.fmean(sorted_ms) if sorted_ms else float("nan")}
+    return {
+        "requests": len(sorted_ms),
+        "rps": len(sorted_ms) / seconds,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "mean_ms": statistics.fmean(sorted_ms) if sorted_ms else float("nan"),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -38,9 +44,15 @@ def machine() -> dict[str, Any]:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem_gb = float("nan")
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(mem_gb, 1),
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "load_1m": os.getloadavg()[0]}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gb": round(mem_gb, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "load_1m": os.getloadavg()[0],
+    }
 
 
 def _by_key(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -94,8 +106,12 @@ def analyse(results: dict[str, Any]) -> None:
     if results["workload"] == "ssd":
         at_least(f"SSD, c={gc}: ringserve >= 0.95x the ceiling (d)", r["ringserve/ceiling"], 0.95)
         if pa and pb and not math.isnan(pa["p99_ms"]) and not math.isnan(pb["p99_ms"]):
-            goal(f"SSD, c={gc}: ringserve p99 <= (b tuned) p99", pa["p99_ms"], pa["p99_ms"] <= pb["p99_ms"],
-                 f"{pa['p99_ms']:.0f} ms vs {pb['p99_ms']:.0f} ms")
+            goal(
+                f"SSD, c={gc}: ringserve p99 <= (b tuned) p99",
+                pa["p99_ms"],
+                pa["p99_ms"] <= pb["p99_ms"],
+                f"{pa['p99_ms']:.0f} ms vs {pb['p99_ms']:.0f} ms",
+            )
         else:
             goal(f"SSD, c={gc}: ringserve p99 <= (b tuned) p99", None, None, "-")
     else:
@@ -103,8 +119,12 @@ def analyse(results: dict[str, Any]) -> None:
         at_least(f"light, c={gc}: ringserve >= 1.0x (c)", r["ringserve/c"], 1.0)
         ma, mc = _memory(a), _memory(t.get("c"))
         if ma and mc:
-            goal("light: ringserve PSS < (c) PSS", ma["pss_mb"], ma["pss_mb"] < mc["pss_mb"],
-                 f"{ma['pss_mb']:.0f} MB vs {mc['pss_mb']:.0f} MB")
+            goal(
+                "light: ringserve PSS < (c) PSS",
+                ma["pss_mb"],
+                ma["pss_mb"] < mc["pss_mb"],
+                f"{ma['pss_mb']:.0f} MB vs {mc['pss_mb']:.0f} MB",
+            )
         else:
             goal("light: ringserve PSS < (c) PSS", None, None, "-")
     w = results["settings"]["workers"]
@@ -116,8 +136,12 @@ def analyse(results: dict[str, Any]) -> None:
     else:
         goal(text, None, None, "-")
     hop = results.get("ipc_hop", {}).get("hop_p50_us")
-    goal(f"IPC hop p50 <= {HOP_GOAL_US:.0f} us", hop, None if hop is None else hop <= HOP_GOAL_US,
-         "-" if hop is None else f"{hop:.0f} us")
+    goal(
+        f"IPC hop p50 <= {HOP_GOAL_US:.0f} us",
+        hop,
+        None if hop is None else hop <= HOP_GOAL_US,
+        "-" if hop is None else f"{hop:.0f} us",
+    )
     results["goals"] = goals
 
 
@@ -159,30 +183,40 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
                 if "error" in cfg:
                     continue
                 mark = " **(best)**" if cfg is t["best"] or cfg["config"] == t["best"]["config"] else ""
-                lines.append(f"| (d) ceiling: {cfg['config']} ({cfg['processes']} proc x {cfg['loop_threads']} "
-                             f"loop x {cfg['intra_threads']} ORT thr){mark} | - | {_f(cfg['rps'])} | "
-                             f"{_f(cfg['p50_ms'])} | {_f(cfg['p95_ms'])} | {_f(cfg['p99_ms'])} | 0 | "
-                             f"{_f(cfg['server_cpu'], 2)} | {_f(_per_cpu(cfg))} | - |")
+                lines.append(
+                    f"| (d) ceiling: {cfg['config']} ({cfg['processes']} proc x {cfg['loop_threads']} "
+                    f"loop x {cfg['intra_threads']} ORT thr){mark} | - | {_f(cfg['rps'])} | "
+                    f"{_f(cfg['p50_ms'])} | {_f(cfg['p95_ms'])} | {_f(cfg['p99_ms'])} | 0 | "
+                    f"{_f(cfg['server_cpu'], 2)} | {_f(_per_cpu(cfg))} | - |"
+                )
         else:
             for p in t["points"]:
-                lines.append(f"| {t['label']} | {p['concurrency']} | {_f(p['rps'])} | {_f(p['p50_ms'])} | "
-                             f"{_f(p['p95_ms'])} | {_f(p['p99_ms'])} | {p['errors']} | {_f(p['server_cpu'], 2)} | "
-                             f"{_f(_per_cpu(p))} | {_f(p['client_cpu'], 3)} |")
+                lines.append(
+                    f"| {t['label']} | {p['concurrency']} | {_f(p['rps'])} | {_f(p['p50_ms'])} | "
+                    f"{_f(p['p95_ms'])} | {_f(p['p99_ms'])} | {p['errors']} | {_f(p['server_cpu'], 2)} | "
+                    f"{_f(_per_cpu(p))} | {_f(p['client_cpu'], 3)} |"
+                )
     lines += ["", "| target | processes | PSS MB | RSS MB |", "|---|---:|---:|---:|"]
     for t in results["targets"]:
         mem = None if "error" in t else _memory(t)
         if mem:
             lines.append(f"| {t['label']} | {mem['processes']} | {mem['pss_mb']:.0f} | {mem['rss_mb']:.0f} |")
-    lines += ["", "| conc. | ringserve / (b default) | / (b tuned) | / (c) | / (d) ceiling |",
-              "|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| conc. | ringserve / (b default) | / (b tuned) | / (c) | / (d) ceiling |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for c, r in results["ratios"].items():
         cells = [_f(r[f"ringserve/{k}"], 2) for k in ("b-default", "b-tuned", "c", "ceiling")]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     hop = results.get("ipc_hop", {})
     if "hop_p50_us" in hop:
-        lines += ["", f"IPC hop (shared-memory slot + ZeroMQ round trip, 300x300x3, {hop['n']} trips): "
-                      f"p50 {hop['hop_p50_us']:.0f} us, p90 {hop['hop_p90_us']:.0f} us, "
-                      f"p99 {hop['hop_p99_us']:.0f} us."]
+        lines += [
+            "",
+            f"IPC hop (shared-memory slot + ZeroMQ round trip, 300x300x3, {hop['n']} trips): "
+            f"p50 {hop['hop_p50_us']:.0f} us, p90 {hop['hop_p90_us']:.0f} us, "
+            f"p99 {hop['hop_p99_us']:.0f} us.",
+        ]
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     for g in results["goals"]:
         met = "n/a" if g["pass"] is None else ("yes" if g["pass"] else "**no**")
@@ -191,8 +225,13 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
     return "\n".join(lines)
 
 
-COLOURS = {"ringserve": "tab:green", "b-default": "tab:gray", "b-tuned": "tab:blue", "c": "tab:orange",
-           "ceiling": "tab:red"}
+COLOURS = {
+    "ringserve": "tab:green",
+    "b-default": "tab:gray",
+    "b-tuned": "tab:blue",
+    "c": "tab:orange",
+    "ceiling": "tab:red",
+}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -216,8 +255,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
             cs = [p["concurrency"] for p in t["points"]]
             ax_rps.plot(cs, [p["rps"] for p in t["points"]], marker="o", color=colour, label=t["label"])
             ax_p99.plot(cs, [p["p99_ms"] for p in t["points"]], marker="o", color=colour, label=t["label"])
-            short = {"ringserve": "(a) ringserve", "b-default": "(b) default", "b-tuned": "(b) tuned",
-                     "c": "(c) W procs"}[t["key"]]
+            short = {
+                "ringserve": "(a) ringserve",
+                "b-default": "(b) default",
+                "b-tuned": "(b) tuned",
+                "c": "(c) W procs",
+            }[t["key"]]
         mem = _memory(t)
         if mem:
             names.append(short)
@@ -245,8 +288,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax_mem.set_ylabel("MB (whole process tree, peak under load)")
     ax_mem.set_title("memory: PSS (solid), RSS (light)")
     m = results["machine"]
-    fig.suptitle(f"ringserve benchmark, workload {results['workload']} ({results['model']}), "
-                 f"W={results['settings']['workers']}, {m['cores']} cores: {m['cpu']}", fontsize=10)
+    fig.suptitle(
+        f"ringserve benchmark, workload {results['workload']} ({results['model']}), "
+        f"W={results['settings']['workers']}, {m['cores']} cores: {m['cpu']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,8 +39,9 @@ START_ALLOWANCE_S = 12.0  # per target: start, readiness, priming (for the time 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtests.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workload", choices=("ssd", "light"), default="ssd")
     p.add_argument("--workers", type=int, default=targets.cores(), help="W for (a) and (c); default: cores")
     p.add_argument("--concurrency", default=None, help="comma-separated client concurrencies (default 1,4,16)")
@@ -87,32 +88,52 @@ def prime(target: targets.Target, workload: Workload, index: list[dict[str, str]
     expect_labels = workload.task == "ssd"
     with httpx.Client(timeout=60) as http:
         for p in index:
-            r = http.post(f"{target.url}/api/v1/predict",
-                          files={"image": (f"{p['name']}.jpg", Path(p["file"]).read_bytes(), "image/jpeg")})
-            why = str(r.status_code) if r.status_code != 200 else check(
-                r.content, workload.answer_key, p["expect"] if expect_labels else "")
+            r = http.post(
+                f"{target.url}/api/v1/predict",
+                files={"image": (f"{p['name']}.jpg", Path(p["file"]).read_bytes(), "image/jpeg")},
+            )
+            why = (
+                str(r.status_code)
+                if r.status_code != 200
+                else check(r.content, workload.answer_key, p["expect"] if expect_labels else "")
+            )
             if why:
                 raise RuntimeError(f"{target.key} answered {p['name']} wrongly ({why}): {r.text[:300]}")
 
 
-def load_point(target: targets.Target, workload: Workload, index: list[dict[str, str]], concurrency: int,
-               args: argparse.Namespace) -> dict[str, Any]:
+def load_point(
+    target: targets.Target, workload: Workload, index: list[dict[str, str]], concurrency: int, args: argparse.Namespace
+) -> dict[str, Any]:
     spec = {
-        "host": "127.0.0.1", "port": target.port, "path": "/api/v1/predict",
-        "payloads": [{"file": p["file"], "name": p["name"],
-                      "expect": p["expect"] if workload.task == "ssd" else ""} for p in index],
-        "concurrency": concurrency, "warmup": args.warmup, "seconds": args.seconds,
+        "host": "127.0.0.1",
+        "port": target.port,
+        "path": "/api/v1/predict",
+        "payloads": [
+            {"file": p["file"], "name": p["name"], "expect": p["expect"] if workload.task == "ssd" else ""}
+            for p in index
+        ],
+        "concurrency": concurrency,
+        "warmup": args.warmup,
+        "seconds": args.seconds,
         "answer_key": workload.answer_key,
     }
-    proc = subprocess.run([sys.executable, "-m", "loadtests.bench.client"], input=json.dumps(spec), text=True,
-                          capture_output=True, cwd=ROOT, timeout=args.warmup + args.seconds + 90, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.bench.client"],
+        input=json.dumps(spec),
+        text=True,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=args.warmup + args.seconds + 90,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"the client failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_http(target: targets.Target, workload: Workload, index: list[dict[str, str]],
-             args: argparse.Namespace) -> dict[str, Any]:
+def run_http(
+    target: targets.Target, workload: Workload, index: list[dict[str, str]], args: argparse.Namespace
+) -> dict[str, Any]:
     result: dict[str, Any] = {"key": target.key, "label": target.label, "points": []}
     try:
         started = time.monotonic()
@@ -124,9 +145,11 @@ def run_http(target: targets.Target, workload: Workload, index: list[dict[str, s
                 point = load_point(target, workload, index, c, args)
                 point["server_cpu"] = sampler.cores(*point.pop("window"))
                 result["points"].append(point)
-                log(f"  {target.key:<10} c={c:<3} {point['rps']:7.1f} req/s  p50 {point['p50_ms']:7.1f} ms  "
+                log(
+                    f"  {target.key:<10} c={c:<3} {point['rps']:7.1f} req/s  p50 {point['p50_ms']:7.1f} ms  "
                     f"p99 {point['p99_ms']:7.1f} ms  errors {point['errors']}  "
-                    f"server CPU {point['server_cpu']:.2f}  client CPU {point['client_cpu']:.2f}")
+                    f"server CPU {point['server_cpu']:.2f}  client CPU {point['client_cpu']:.2f}"
+                )
         result["memory"] = sampler.memory()
     except (RuntimeError, OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
         result["error"] = str(exc)[-3000:]
@@ -141,12 +164,31 @@ def run_ceiling(workload: Workload, scratch: Path, args: argparse.Namespace) -> 
     configs = []
     for config in ceiling.CONFIGS:
         nproc, loops, intra = ceiling.layout(config, n)
-        cmd = [sys.executable, "-m", "loadtests.bench.ceiling", "--model", str(workload.onnx_path),
-               "--payloads", str(scratch / "payloads.json"), "--height", str(workload.height),
-               "--width", str(workload.width), "--threads", str(loops), "--intra", str(intra),
-               "--warmup", str(args.warmup), "--seconds", str(args.seconds)]
-        procs = [subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                 for _ in range(nproc)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "loadtests.bench.ceiling",
+            "--model",
+            str(workload.onnx_path),
+            "--payloads",
+            str(scratch / "payloads.json"),
+            "--height",
+            str(workload.height),
+            "--width",
+            str(workload.width),
+            "--threads",
+            str(loops),
+            "--intra",
+            str(intra),
+            "--warmup",
+            str(args.warmup),
+            "--seconds",
+            str(args.seconds),
+        ]
+        procs = [
+            subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(nproc)
+        ]
         entry: dict[str, Any] = {"config": config, "processes": nproc, "loop_threads": loops, "intra_threads": intra}
         try:
             if any(p.stdout.readline().strip() != "ready" for p in procs):  # type: ignore[union-attr]
@@ -172,12 +214,18 @@ def run_ceiling(workload: Workload, scratch: Path, args: argparse.Namespace) -> 
         if "error" in entry:
             log(f"  ceiling {config}: FAILED: {entry['error']}")
         else:
-            log(f"  ceiling {config:<8} {entry['rps']:7.1f} img/s  p50 {entry['p50_ms']:7.1f} ms  "
-                f"CPU {entry['server_cpu']:.2f}  PSS {entry['memory']['pss_mb']:.0f} MB")
+            log(
+                f"  ceiling {config:<8} {entry['rps']:7.1f} img/s  p50 {entry['p50_ms']:7.1f} ms  "
+                f"CPU {entry['server_cpu']:.2f}  PSS {entry['memory']['pss_mb']:.0f} MB"
+            )
     ok = [c for c in configs if "error" not in c]
     best = max(ok, key=lambda c: c["rps"]) if ok else None
-    return {"key": "ceiling", "label": f"(d) ceiling, no HTTP: {best['config'] if best else '-'}",
-            "configs": configs, "best": best}
+    return {
+        "key": "ceiling",
+        "label": f"(d) ceiling, no HTTP: {best['config'] if best else '-'}",
+        "configs": configs,
+        "best": best,
+    }
 
 
 def log(text: str) -> None:
@@ -190,27 +238,42 @@ def main(argv: list[str] | None = None) -> None:
     began = time.time()
     try:
         workload = make(args.workload, scratch)
-        log(f"benchmark {args.workload}: targets {','.join(args.targets)}, W={args.workers}, "
-            f"concurrency {args.concurrency}, {args.seconds:g} s per point; about {estimate_s(args) / 60:.1f} min")
+        log(
+            f"benchmark {args.workload}: targets {','.join(args.targets)}, W={args.workers}, "
+            f"concurrency {args.concurrency}, {args.seconds:g} s per point; about {estimate_s(args) / 60:.1f} min"
+        )
         machine = report.machine()
         if machine["load_1m"] > 0.25 * machine["cores"]:
-            log(f"WARNING: load average {machine['load_1m']:.1f} on {machine['cores']} cores: "
-                "the figures are disturbed")
+            log(
+                f"WARNING: load average {machine['load_1m']:.1f} on {machine['cores']} cores: the figures are disturbed"
+            )
         index = write_payloads(scratch, args.sizes)
         results: dict[str, Any] = {
-            "workload": args.workload, "model": workload.model, "task": workload.task,
-            "input": f"{workload.width}x{workload.height}", "machine": machine,
-            "settings": {"workers": args.workers, "concurrency": args.concurrency, "seconds": args.seconds,
-                         "warmup": args.warmup, "quick": args.quick, "sizes": args.sizes,
-                         "payloads": [{"name": p["name"], "bytes": int(p["bytes"])} for p in index]},
+            "workload": args.workload,
+            "model": workload.model,
+            "task": workload.task,
+            "input": f"{workload.width}x{workload.height}",
+            "machine": machine,
+            "settings": {
+                "workers": args.workers,
+                "concurrency": args.concurrency,
+                "seconds": args.seconds,
+                "warmup": args.warmup,
+                "quick": args.quick,
+                "sizes": args.sizes,
+                "payloads": [{"name": p["name"], "bytes": int(p["bytes"])} for p in index],
+            },
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(began)),
         }
         results["ipc_hop"] = ipc_hop(args.hop_n)
         results["targets"] = []
         for key in args.targets:
             if key in HTTP_TARGETS:
-                target = (targets.ringserve(workload, args.workers) if key == "ringserve"
-                          else targets.baseline(workload, key, args.workers))
+                target = (
+                    targets.ringserve(workload, args.workers)
+                    if key == "ringserve"
+                    else targets.baseline(workload, key, args.workers)
+                )
                 results["targets"].append(run_http(target, workload, index, args))
             else:
                 results["targets"].append(run_ceiling(workload, scratch, args))

@@ -71,8 +71,14 @@ class TreeSampler:
             pss += mem.pss
             rss += mem.rss
             count += 1
-            detail.append({"pid": proc.pid, "cmd": _short(cmd), "pss_mb": round(mem.pss / MB, 1),
-                           "rss_mb": round(mem.rss / MB, 1)})
+            detail.append(
+                {
+                    "pid": proc.pid,
+                    "cmd": _short(cmd),
+                    "pss_mb": round(mem.pss / MB, 1),
+                    "rss_mb": round(mem.rss / MB, 1),
+                }
+            )
             total = cpu.user + cpu.system
             self._first_cpu.setdefault(proc.pid, total)
             self._last_cpu[proc.pid] = total
@@ -94,8 +100,12 @@ class TreeSampler:
 
     def memory(self) -> dict[str, object]:
         """Peak PSS and RSS sums, and each process's share at the PSS peak."""
-        return {"pss_mb": self.peak_pss / MB, "rss_mb": self.peak_rss / MB, "processes": self.processes,
-                "per_process": self.peak_detail}
+        return {
+            "pss_mb": self.peak_pss / MB,
+            "rss_mb": self.peak_rss / MB,
+            "processes": self.processes,
+            "per_process": self.peak_detail,
+        }
 
 
 def _short(cmdline: list[str]) -> str:

@@ -64,8 +64,14 @@ class Target:
     def start(self, timeout: float = 180.0) -> None:
         cmd = [part.replace("{port}", str(self.port)).replace("{scratch}", str(self.scratch)) for part in self.cmd]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env}, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -122,8 +128,24 @@ class Target:
 
 def ringserve(workload: Workload, workers: int) -> Target:
     """(a) ``ringserve serve --workers W`` on the workload's repository, as shipped."""
-    cmd = [sys.executable, "-m", "engine", "serve", "--repo", str(workload.repo), "--models", workload.model,
-           "--run-dir", "{scratch}/run", "--workers", str(workers), "--host", "127.0.0.1", "--port", "{port}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine",
+        "serve",
+        "--repo",
+        str(workload.repo),
+        "--models",
+        workload.model,
+        "--run-dir",
+        "{scratch}/run",
+        "--workers",
+        str(workers),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+    ]
     env = {"RINGSERVE_DEFAULT_MODEL": workload.model}
     return Target("ringserve", f"(a) ringserve, {workers} workers", cmd, env, workers)
 
@@ -143,9 +165,25 @@ def baseline(workload: Workload, key: str, workers: int) -> Target:
     else:
         raise ValueError(key)
     procs = workers if key == "c" else 1
-    cmd = [sys.executable, "-m", "uvicorn", "loadtests.bench.baseline:create_app", "--factory",
-           "--host", "127.0.0.1", "--port", "{port}", "--workers", str(procs),
-           "--no-access-log", "--log-level", "warning"]
-    env = {"RINGSERVE_BENCH_MODEL_DIR": str(workload.directory), "RINGSERVE_BENCH_ORT": mode,
-           "RINGSERVE_BENCH_THREADS": str(threads)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "loadtests.bench.baseline:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        str(procs),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    env = {
+        "RINGSERVE_BENCH_MODEL_DIR": str(workload.directory),
+        "RINGSERVE_BENCH_ORT": mode,
+        "RINGSERVE_BENCH_THREADS": str(threads),
+    }
     return Target(key, label, cmd, env, procs)

@@ -85,8 +85,18 @@ max_queue_delay_ms = 2.0
 queue_limit = 64
 """
     )
-    return Workload("light", LIGHT_NAME, repo.resolve(), directory.resolve(), "classify", "image",
-                    LIGHT_SIZE, LIGHT_SIZE, labels, 0.0)
+    return Workload(
+        "light",
+        LIGHT_NAME,
+        repo.resolve(),
+        directory.resolve(),
+        "classify",
+        "image",
+        LIGHT_SIZE,
+        LIGHT_SIZE,
+        labels,
+        0.0,
+    )
 
 
 def light_onnx(seed: int = 0):  # -> onnx.ModelProto (onnx is imported lazily)
@@ -104,8 +114,9 @@ def light_onnx(seed: int = 0):  # -> onnx.ModelProto (onnx is imported lazily)
         w = rng.normal(0, np.sqrt(2 / (cin * 9)), (cout, cin, 3, 3)).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}")]
         nodes += [
-            helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[3, 3], strides=[2, 2],
-                             pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]
+            ),
             helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
         ]
         cin, x = cout, f"r{i}"
@@ -117,7 +128,8 @@ def light_onnx(seed: int = 0):  # -> onnx.ModelProto (onnx is imported lazily)
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"]),
     ]
     graph = helper.make_graph(
-        nodes, "light_classifier",
+        nodes,
+        "light_classifier",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", LIGHT_SIZE, LIGHT_SIZE, 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", LIGHT_CLASSES])],
         inits,
