@@ -5,7 +5,7 @@ installs them when it runs as root); nothing downloads a browser. Without them t
 fail in CI (``CI=true``) and are skipped elsewhere, with the reason.
 
 Artifacts: ``artifacts/console.png`` (a screenshot after a real cat photo went through the real
-default model). ``RINGSERVE_UPDATE_DOCS=1`` also writes the README's ``docs/console.png``.
+default model). ``RINGSERVE_UPDATE_DOCS=1`` also writes the README's ``frontend/static/console.png``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ MODEL = "ssd-mobilenet-v2-coco"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = ROOT / "artifacts"
-DOCS_SCREENSHOT = ROOT / "docs" / "console.png"
+DOCS_SCREENSHOT = ROOT / "frontend" / "static" / "console.png"
 KEY = "console-test-key"
 CHROMIUM_FLAGS = (
     "--headless",
