@@ -553,3 +553,25 @@ def test_shm_keys_are_checked() -> None:
     for key in ("", "/", "a/b", "..", "ringserve-0-1-0", "/ringserve-0-2-1"):
         with pytest.raises(V2Error):
             segment_path(key)
+
+
+def test_statistics_agree_with_the_metrics(pixel_repo: Path, no_leaks: None) -> None:
+    """With only V2 traffic, the V2 statistics and the box-wide Prometheus metrics tell one story."""
+    from tests.test_metrics import scrape, total
+
+    with running(Appliance(pixel_repo, workers=2)) as app:
+        client = triton.InferenceServerClient(host(app))
+        try:
+            images = 0
+            for i in range(8):
+                n = 1 + i % 3
+                client.infer("pixels", [uint8_input(pixels(colour(i), n))])
+                images += n
+            [stat] = client.get_inference_statistics("pixels")["model_stats"]
+        finally:
+            client.close()
+        s = scrape(app.url)
+        assert stat["inference_count"] == images == total(s, "ringserve_inference_images_total", model="pixels")
+        assert stat["execution_count"] == total(s, "ringserve_inference_executions_total", model="pixels")
+        assert stat["inference_stats"]["success"]["count"] == 8
+        assert total(s, "ringserve_batch_size_sum", model="pixels") == images
