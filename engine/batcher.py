@@ -44,9 +44,6 @@ class Batcher:
         cfg = model.config
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_limit)
         self._halt = threading.Event()
-        self._count_lock = threading.Lock()
-        self.inference_count = 0
-        self.execution_count = 0
         self.instances = max(1, instances)
         self._threads = [
             threading.Thread(
@@ -143,9 +140,6 @@ class Batcher:
                 self._fail(job, "internal", f"model execution failed: {exc}")
             return
         inference_ms = (time.perf_counter() - started) * 1000
-        with self._count_lock:
-            self.inference_count += n
-            self.execution_count += 1
         self._m_infer.observe(inference_ms / 1000)
         self._m_batch.observe(n)
         self._m_images.inc(n)
