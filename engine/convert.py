@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from importlib import metadata
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from engine.repo_install import install, up_to_date
+from engine.repo_install import atomic_write, install, up_to_date
 
 __all__ = ["COCO_LABELS", "MODEL_NAME", "ConvertError", "default_cache_dir", "pull_default"]
 
@@ -213,12 +212,7 @@ def pull_default(repo: Path, *, cache_dir: Path | None = None, progress: bool = 
             t0 = time.monotonic()
             data = _convert(source)
             converted = time.monotonic() - t0
-            cache.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=".tmp", dir=cache)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, cached)
+            atomic_write(cached, data)
         bar.stage("checking with onnxruntime (about 15 s)...", ticker=True)
         max_batch = _check(cached)
         bar.stage(f"writing repository {repo / MODEL_NAME}")

