@@ -84,11 +84,33 @@ class Batcher:
         for thread in self._threads:
             thread.join(timeout)
 
+    def dead(self) -> list[str]:
+        """Names of instance threads that ended while the batcher was still meant to serve."""
+        if self._halt.is_set():
+            return []
+        return [t.name for t in self._threads if t.ident is not None and not t.is_alive()]
+
     def _serve(self, batch: np.ndarray) -> None:
-        while not self._halt.is_set():
-            jobs = self._collect()
-            if jobs:
-                self._execute(jobs, batch)
+        try:
+            while not self._halt.is_set():
+                jobs = self._collect()
+                if jobs:
+                    self._guarded(jobs, batch)
+        except BaseException:
+            # Reached only by a fault outside _guarded (or a BaseException): the engine's loop sees
+            # the dead thread through dead() and exits to be restarted rather than serve with a hole.
+            logger.exception("batcher thread {} died", threading.current_thread().name)
+
+    def _guarded(self, jobs: list[Job], batch: np.ndarray) -> None:
+        """Run one batch; whatever fails, every job gets exactly one answer and its slot back."""
+        answered: set[tuple[bytes, int, int]] = set()
+        try:
+            self._execute(jobs, batch, answered)
+        except Exception as exc:
+            logger.exception("model {} failed while handling a batch of {}", self.model.config.name, len(jobs))
+            for job in jobs:
+                if _key(job) not in answered:
+                    self._fail(job, "internal", f"the engine failed on this batch: {type(exc).__name__}: {exc}")
 
     def _collect(self) -> list[Job]:
         try:
@@ -107,11 +129,12 @@ class Batcher:
         self._m_depth.set(self._queue.qsize())
         return jobs
 
-    def _execute(self, jobs: list[Job], batch: np.ndarray) -> None:
+    def _execute(self, jobs: list[Job], batch: np.ndarray, answered: set[tuple[bytes, int, int]]) -> None:
         now = time.time()
         live = []
         for job in jobs:
             if job.msg.deadline < now:
+                answered.add(_key(job))
                 self._fail(job, "timeout", "deadline passed while queued")
             else:
                 live.append(job)
@@ -131,21 +154,15 @@ class Batcher:
         ]
         if cfg.task == "raw":
             live = [_with_raw(j) for j in live]
-        try:
-            outputs = self.model.session.run(batch[:n])
-            results = self._decode(outputs, params)
-        except Exception as exc:
-            logger.exception("model {} failed on a batch of {}", cfg.name, n)
-            for job in live:
-                self._fail(job, "internal", f"model execution failed: {exc}")
-            return
+        outputs = self.model.session.run(batch[:n])
+        results = self._decode(outputs, params)
         inference_ms = (time.perf_counter() - started) * 1000
         self._m_infer.observe(inference_ms / 1000)
         self._m_batch.observe(n)
         self._m_images.inc(n)
         self._m_execs.inc()
         tensors = heads.raw(outputs, n) if any(j.msg.raw for j in live) else None
-        for i, (job, result) in enumerate(zip(live, results, strict=False)):
+        for i, (job, result) in enumerate(zip(live, results, strict=True)):
             if tensors is not None and job.msg.raw:
                 result = {**result, "tensors": tensors[i]}
             queue_ms = (started - job.arrived) * 1000
@@ -169,6 +186,7 @@ class Batcher:
                 queue_ms,
                 inference_ms,
             )
+            answered.add(_key(job))
             self._reply(job, msg)
 
     def _decode(self, outputs: dict[str, np.ndarray], params: list[heads.Params]) -> list[dict]:
@@ -185,6 +203,10 @@ class Batcher:
         metrics.ENGINE_ERRORS.labels(reason).inc()
         logger.bind(request_id=job.msg.req_id).warning("request failed: {}: {}", reason, detail)
         self._reply(job, Error(job.msg.req_id, job.msg.slot, job.msg.generation, reason, detail))
+
+
+def _key(job: Job) -> tuple[bytes, int, int]:
+    return job.identity, job.msg.slot, job.msg.generation
 
 
 def _with_raw(job: Job) -> Job:

@@ -28,6 +28,9 @@ BATCH_SIZE = Histogram(
 IMAGES = Counter("ringserve_inference_images", "Images run through a model", ["model", "version"])
 EXECUTIONS = Counter("ringserve_inference_executions", "Batches executed", ["model", "version"])
 ENGINE_ERRORS = Counter("ringserve_engine_errors", "Requests the engine refused or failed, by reason", ["reason"])
+THREAD_DEATHS = Counter(
+    "ringserve_engine_thread_deaths", "Batcher threads that ended unexpectedly (the engine then exits to be restarted)"
+)
 QUEUE_DEPTH = Gauge(
     "ringserve_queue_depth", "Requests waiting in a model's queue", ["model", "version"], multiprocess_mode="livesum"
 )

@@ -29,6 +29,7 @@ from ipc.ring import MappedRing, pid_alive, remove_orphans
 from ipc.sockets import STARTS_FILE, engine_address, make_socket, prepare_run_dir, socket_path
 
 _REPLIES = "inproc://replies"
+EXIT_THREAD_DIED = 70  # EX_SOFTWARE: a supervisor restarts the engine
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Engine:
         self._local = threading.local()
         self._ctx = zmq.Context()
         self.restarts = 0
+        self.exit_code = 0
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -188,6 +190,17 @@ class Engine:
             if now >= next_reap:
                 next_reap = now + 1.0
                 self._forget_dead_workers()
+            if self._dead_threads():
+                return
+
+    def _dead_threads(self) -> list[str]:
+        """A batcher thread that ended leaves its model with a hole: exit so that we are restarted."""
+        dead = [name for b in self.batchers.values() for name in b.dead()]
+        if dead:
+            metrics.THREAD_DEATHS.inc(len(dead))
+            logger.error("engine thread(s) {} died; exiting to be restarted", dead)
+            self.exit_code = EXIT_THREAD_DIED
+        return dead
 
     # ----------------------------------------------------------------- messages
     def _send(self, router: zmq.Socket, identity: bytes, payload: bytes) -> None:  # type: ignore[type-arg]
@@ -320,6 +333,8 @@ def run(settings: EngineSettings) -> None:
     except ProviderUnavailable as exc:
         logger.error("{}", exc)
         raise SystemExit(2) from None
+    if engine.exit_code:
+        raise SystemExit(engine.exit_code)
 
 
 def _version() -> str:
