@@ -14,6 +14,7 @@ from frontend.client import EngineClient
 from frontend.jsonresp import JSONResponse
 from frontend.middleware import RequestContext
 from frontend.routes import batch, console, health, models, predict, stream
+from frontend.service import ImageService
 from frontend.settings import Settings
 from frontend.v2 import make_router as v2_router
 from ipc import logs
@@ -44,10 +45,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.warning("could not fold old metric files: {}", exc)
         client = EngineClient(settings.run_dir, settings.ring_slots, settings.heartbeat_timeout_s, ring_changed)
         app.state.client = client
+        app.state.service = ImageService(client, settings, observe_decode=metrics.DECODE.observe)
         await client.start()
         try:
             yield
         finally:
+            app.state.service.close()
             await client.close()
 
     app = FastAPI(

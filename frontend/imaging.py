@@ -96,7 +96,7 @@ def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(op(img)) if op else img
 
 
-def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise BadInput(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
@@ -128,9 +128,9 @@ def _decode_jpeg(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[np.ndar
     except ValueError as exc:
         claimed = _sof_size(data)  # libjpeg refuses more than 65500 a side before saying how many
         if claimed is not None:
-            _check_pixels(*claimed, max_pixels)
+            check_pixels(*claimed, max_pixels)
         raise BadInput(f"not a readable JPEG: {exc}") from None
-    _check_pixels(width, height, max_pixels)
+    check_pixels(width, height, max_pixels)
     if colorspace in ("CMYK", "YCCK"):
         return None
     orientation = _exif_orientation(data)
@@ -144,46 +144,71 @@ def _decode_jpeg(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[np.ndar
     return img, w, h
 
 
-_WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+_STRIP_BYTES = 4 * 1024 * 1024  # of the decoded image, converted and reduced at a time
 
 
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit, 32-bit and float greyscale as 8-bit L (16-bit: the high byte; float: 0..1 or 0..255)."""
-    a = np.asarray(im)
-    if im.mode == "F":
-        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-        if a.size and float(a.max()) <= 1.0:
-            a = a * 255.0
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    return Image.fromarray((np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8))
+def _eight_bit(strip: Image.Image, float_scale: float) -> Image.Image:
+    """One strip of any mode as 8-bit RGB; temporaries are the strip's size, never the image's.
+
+    16-bit and 32-bit integer greyscale: the high byte of 0..65535; float: 0..1 or 0..255.
+    """
+    mode = strip.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(strip)  # uint16 (either byte order) or int32
+        if mode == "I":
+            a = np.clip(a, 0, 65535)
+        return Image.fromarray((a >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(strip), nan=0.0, posinf=255.0, neginf=0.0) * float_scale
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return strip if mode == "RGB" else strip.convert("RGB")  # palette: looked up before any averaging
+
+
+def _float_scale(im: Image.Image) -> float:
+    """Float images in 0..1 are scaled to 0..255, judged on the whole image (not per strip)."""
+    if im.mode != "F":
+        return 1.0
+    extrema = im.getextrema()
+    high = extrema[1] if isinstance(extrema, tuple) else None
+    return 255.0 if isinstance(high, float) and high <= 1.0 else 1.0
+
+
+def _reduced_rgb(im: Image.Image, factor: int) -> np.ndarray:
+    """``im`` as 8-bit RGB, box-reduced by ``factor``, converted a few rows at a time.
+
+    The decoded image at its own depth is the only full-size buffer: each strip is copied out,
+    converted to 8-bit RGB and reduced before the next one, so a 16-bit, 32-bit, float, palette,
+    CMYK or LA image costs its decode plus a few megabytes, not a full-size widened copy.
+    """
+    width, height = im.size
+    depth = max(1, len(im.getbands())) * (4 if im.mode in ("I", "F") else 2 if im.mode.startswith("I;16") else 1)
+    rows = max(1, _STRIP_BYTES // (width * depth * factor)) * factor
+    out = np.empty((-(-height // factor), -(-width // factor), 3), dtype=np.uint8)
+    scale = _float_scale(im)
+    for top in range(0, height, rows):
+        strip = _eight_bit(im.crop((0, top, width, min(height, top + rows))), scale)
+        if factor > 1:
+            strip = strip.reduce(factor)
+        out[top // factor : top // factor + strip.height] = np.asarray(strip)
+    return out
 
 
 def _decode_pillow(data: bytes, kind: str, spec: InputSpec, max_pixels: int) -> tuple[np.ndarray, int, int]:
-    """Pillow for everything simplejpeg does not do. Large images are reduced (box filter) to about
-    the model's input before any conversion or copy, so a 50-megapixel PNG costs its inflate and
-    little more."""
+    """Pillow for everything simplejpeg does not do. JPEGs are drafted (DCT-domain downscale)
+    before decoding; other large images are reduced (box filter) to about the model's input
+    strip by strip (``_reduced_rgb``), so a 50-megapixel PNG costs its inflate and little more."""
     try:
         with Image.open(io.BytesIO(data), formats=[kind.upper()]) as opened:
-            _check_pixels(opened.width, opened.height, max_pixels)
+            check_pixels(opened.width, opened.height, max_pixels)
             orientation = _orientation_of(opened)
             swap = orientation in (5, 6, 7, 8)
             width, height = (opened.height, opened.width) if swap else (opened.width, opened.height)
             need_w, need_h = _needed(spec, orientation)
-            im: Image.Image = opened
             if kind == "jpeg":
-                im.draft(None, (need_w, need_h))  # a CMYK JPEG: DCT-domain downscale as with simplejpeg
-            if im.mode in _WIDE_MODES:
-                im = _to_8bit(im)
-            elif im.mode in ("P", "PA"):
-                im = im.convert("RGBA")  # palette indices must not be averaged; keeps transparency right
-            elif im.mode == "1":
-                im = im.convert("L")
-            factor = min(im.width // need_w, im.height // need_h)
-            if factor >= 2:
-                im = im.reduce(factor)
-            if im.mode != "RGB":
-                im = im.convert("RGB")  # drops alpha
-            img = np.asarray(im)
+                opened.draft(None, (need_w, need_h))  # a CMYK JPEG: DCT-domain downscale as with simplejpeg
+            opened.load()
+            factor = max(1, min(opened.width // need_w, opened.height // need_h))
+            img = _reduced_rgb(opened, factor)
     except (PayloadTooLarge, BadInput):
         raise
     except Exception as exc:

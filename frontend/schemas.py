@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from frontend.params import Params
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class PredictJSON(_Frozen):
+class PredictJSON(Params):
     image_b64: str = Field(..., min_length=1, description="the encoded image, base64")
-    confidence_threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    max_detections: int | None = Field(None, ge=1, le=1000)
-    timeout_s: float | None = Field(
-        None, gt=0.0, allow_inf_nan=False, description="deadline of this request; at most REQUEST_TIMEOUT_S"
-    )
 
 
 class Detection(_Frozen):

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from frontend.params import Params
 from frontend.schemas import ClassScore, Detection, ImageSize, ModelRef, Timings
 
 MAX_BATCH_IMAGES = 32
@@ -15,11 +16,8 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class BatchJSONItem(_Frozen):
+class BatchJSONItem(Params):
     image_b64: str = Field(..., min_length=1, description="the encoded image, base64")
-    confidence_threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    max_detections: int | None = Field(None, ge=1, le=1000)
-    timeout_s: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
 
 class BatchJSON(_Frozen):
@@ -61,14 +59,11 @@ class BatchResponse(_Frozen):
     results: list[BatchItemResult | BatchItemError] = Field(..., description="one per image, in request order")
 
 
-class StreamFrameJSON(_Frozen):
+class StreamFrameJSON(Params):
     """A text frame of ``/ws/stream``."""
 
     frame_id: int | str | None = Field(None, description="echoed in the reply; the frame counter when absent")
     image_b64: str = Field(..., min_length=1)
-    confidence_threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    max_detections: int | None = Field(None, ge=1, le=1000)
-    timeout_s: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
 
 class StreamResult(_Answer):

@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     max_pixels: int = Field(50_000_000, ge=1)  # about 8k x 6k
     request_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)  # the whole request body must arrive within this (408)
+    decode_queue_images: int = Field(64, ge=1)  # images waiting for a worker's decode thread (503 past it)
+    decode_queue_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # and their encoded bytes
     heartbeat_timeout_s: float = Field(0.6, gt=0)
     api_key: str = ""
     cors_origins: list[str] = []

@@ -246,7 +246,8 @@ CASES = [
         422,  # type: ignore[list-item]
         "invalid_parameter",
     ),
-    err("multipart-two-images", form(image_file() * 2), 400, "bad_input"),
+    # too many files: one answer on every route (413, as a batch of 33 images)
+    err("multipart-two-images", form(image_file() * 2), 413, "too_large"),
     err("multipart-zero-byte-file", form(image_file(b"")), 400, "bad_input"),
     err("multipart-threshold-over-1", form(image_file(), {"confidence_threshold": "2"}), 422, "invalid_parameter"),
     err("multipart-no-boundary", raw(b"--x\r\n", "multipart/form-data"), 400, "bad_input"),

@@ -22,8 +22,9 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from frontend.predict import Params
+from frontend.params import Params
 from frontend.routes.stream import Options, Stream
+from frontend.service import ImageService
 from frontend.settings import Settings
 from ipc.messages import Detection, InputSpec, ModelInfo, Result
 from tests.harness import Appliance, segments, wait_for
@@ -376,7 +377,8 @@ async def until(condition: Any, timeout: float = 5.0) -> None:
 
 
 async def open_stream(engine: FakeEngine, sock: FakeSocket, tmp_path: Path) -> tuple[Stream, asyncio.Task[None]]:
-    state = SimpleNamespace(client=engine, settings=Settings(run_dir=tmp_path))
+    settings = Settings(run_dir=tmp_path)
+    state = SimpleNamespace(client=engine, settings=settings, service=ImageService(engine, settings))  # type: ignore[arg-type]
     scope = {
         "type": "websocket",
         "app": SimpleNamespace(state=state),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,11 +32,11 @@ from loguru import logger
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
-from frontend import errors, predict
-from frontend.client import EngineClient
+from frontend import errors
 from frontend.jsonresp import JSONResponse
-from frontend.predict import Params, Upload
+from frontend.params import PARAM_NAMES, Params, b64decode, check_names, invalid, merge, parse_params, positive_version
 from frontend.schemas_batch import StreamError, StreamFrameJSON, StreamResult
+from frontend.service import ImageRequest, ImageService
 from frontend.settings import Settings
 from ipc.errors import BadInput, InternalError, InvalidParameter, PayloadTooLarge, RingserveError
 
@@ -48,8 +49,10 @@ FRAMINGS = ("raw", "id")
 class Frame:
     seq: int  # the message counter of the connection
     frame_id: int | str
-    upload: Upload | None = None
+    image: bytes = b""
+    params: Params | None = None  # None: the frame could not be read (``error``)
     error: RingserveError | None = None
+    received: float = 0.0  # time.monotonic(): the frame's deadline base
 
 
 @dataclass(frozen=True)
@@ -64,14 +67,13 @@ def _options(ws: WebSocket) -> Options:
     framing = query.get("framing") or "raw"
     if framing not in FRAMINGS:
         raise InvalidParameter(f"framing must be one of {list(FRAMINGS)}, not {framing!r}")
-    version = query.get("version") or None
-    if version is not None and not (version.isdigit() and int(version) >= 1):
-        raise InvalidParameter(f"version must be a positive integer, not {version!r}")
-    unknown = set(query) - {"framing", "version", *Params.model_fields}
-    if unknown:
-        raise InvalidParameter(f"unknown query parameters: {sorted(unknown)}")
-    params = predict.parse_params({k: v for k, v in query.items() if k in Params.model_fields})
-    return Options(framing, int(version) if version else None, params)
+    text = query.get("version") or None
+    version = positive_version(text)
+    if text is not None and version is None:
+        raise InvalidParameter(f"version must be a positive integer, not {text!r}")
+    check_names(query, {"framing", "version", *PARAM_NAMES}, "query parameters")
+    params = parse_params({k: v for k, v in query.items() if k in PARAM_NAMES})
+    return Options(framing, version, params)
 
 
 class Stream:
@@ -81,12 +83,10 @@ class Stream:
         self.ws = ws
         self.model = model
         self.options = options
-        self.client: EngineClient = ws.app.state.client
+        self.service: ImageService = ws.app.state.service
         self.settings: Settings = ws.app.state.settings
         self.request_id = errors.request_id(ws)  # type: ignore[arg-type]
-        # metrics hooks, when the app has them
-        self.count_error = getattr(ws.app.state, "count_error", None)
-        self.observe_decode = getattr(ws.app.state, "observe_decode", None)
+        self.count_error = getattr(ws.app.state, "count_error", None)  # a metrics hook, when the app has one
         self.waiting: deque[Frame] = deque()
         self.wake = asyncio.Event()
         self.busy = False
@@ -140,17 +140,18 @@ class Stream:
                     self.busy = False
 
     def _parse(self, message: Mapping[str, Any]) -> Frame:
-        seq = self.received
+        seq, now = self.received, time.monotonic()
         limit = self.settings.max_body_bytes
+        defaults = self.options.params
         data = message.get("bytes")
         if isinstance(data, bytes):
             if len(data) > limit:
                 return Frame(seq, seq, error=PayloadTooLarge(f"frame is {len(data)} bytes; the limit is {limit}"))
             if self.options.framing == "raw":
-                return Frame(seq, seq, Upload(data, self.options.params))
+                return Frame(seq, seq, data, defaults, received=now)
             if len(data) < 4:
                 return Frame(seq, seq, error=BadInput("a frame starts with its 4-byte big-endian frame id"))
-            return Frame(seq, int.from_bytes(data[:4], "big"), Upload(data[4:], self.options.params))
+            return Frame(seq, int.from_bytes(data[:4], "big"), data[4:], defaults, received=now)
         text = message.get("text")
         if not isinstance(text, str):
             return Frame(seq, seq, error=BadInput("an empty message"))
@@ -159,29 +160,29 @@ class Stream:
         try:
             payload = StreamFrameJSON.model_validate_json(text)
         except ValidationError as exc:
-            detail = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-            return Frame(seq, _frame_id_of(text, seq), error=InvalidParameter(detail))  # type: ignore[arg-type]
+            return Frame(seq, _frame_id_of(text, seq), error=invalid(exc))
         frame_id = seq if payload.frame_id is None else payload.frame_id
         try:
-            data = predict.b64decode(payload.image_b64)
+            data = b64decode(payload.image_b64)
         except BadInput as exc:
             return Frame(seq, frame_id, error=exc)
-        given = payload.model_dump(exclude={"frame_id", "image_b64"}, exclude_none=True)
-        params = self.options.params.model_copy(update=given)  # validated by StreamFrameJSON
-        return Frame(seq, frame_id, Upload(data, params))
+        return Frame(seq, frame_id, data, merge(defaults, payload), received=now)
 
     async def _answer(self, frame: Frame) -> bytes:
         error = frame.error
-        if frame.upload is not None:
+        if frame.params is not None:
             try:
-                info = self.client.resolve(self.model, self.options.version)
-                r = await predict.run(self.client, self.settings, info, frame.upload, f"{self.request_id}.{frame.seq}")
-                if self.observe_decode is not None:
-                    self.observe_decode(r.timings.decode_ms / 1000)
-                answer = r.model_dump(mode="json", exclude_none=True, exclude={"request_id"})
-                return _dump(
-                    StreamResult.model_validate({"frame_id": frame.frame_id, **answer, "dropped": self.dropped})
+                req = ImageRequest(
+                    self.model,
+                    self.options.version,
+                    frame.params,
+                    f"{self.request_id}.{frame.seq}",
+                    frame.received,
+                    image=frame.image,
                 )
+                answer = (await self.service.predict(req)).response()
+                body = answer.model_dump(mode="json", exclude_none=True, exclude={"request_id"})
+                return _dump(StreamResult.model_validate({"frame_id": frame.frame_id, **body, "dropped": self.dropped}))
             except RingserveError as exc:
                 error = exc
             except Exception:  # one frame's bug must not end the stream
@@ -204,8 +205,9 @@ def _frame_id_of(text: str, seq: int) -> int | str:
     """The client's frame id from a frame that failed validation, when it can be read."""
     with contextlib.suppress(orjson.JSONDecodeError):
         raw = orjson.loads(text)
-        if isinstance(raw, dict) and isinstance(raw.get("frame_id"), int | str):
-            return raw["frame_id"]  # type: ignore[no-any-return]
+        frame_id = raw.get("frame_id") if isinstance(raw, dict) else None
+        if isinstance(frame_id, int | str):
+            return frame_id
     return seq
 
 
@@ -232,7 +234,7 @@ async def _refuse(ws: WebSocket, exc: RingserveError) -> None:
 async def _serve(ws: WebSocket, model: str) -> None:
     try:
         options = _options(ws)
-        ws.app.state.client.resolve(model, options.version)
+        ws.app.state.service.model(model, options.version)
     except RingserveError as exc:
         await _refuse(ws, exc)
         return
