@@ -8,6 +8,7 @@ the batch and does no per-pixel Python work.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,39 @@ def needs_folding(cfg: ModelConfig) -> bool:
     return not (i.dtype == "uint8" and i.layout == "NHWC" and i.color == "RGB")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What the engine loads: the graph's bytes, and how large its control-flow subgraphs are."""
+
+    data: bytes
+    subgraph_nodes: int
+
+
 def prepare(cfg: ModelConfig, path: Path) -> bytes:
     """The model's bytes, checked against the model.toml, with a preprocessing prefix if needed."""
+    return prepare_model(cfg, path).data
+
+
+def prepare_model(cfg: ModelConfig, path: Path) -> Prepared:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # onnx raises protobuf's DecodeError, OSError and others
         raise cfg.error("version", f"{path} is not a readable ONNX model: {exc}") from None
     check(model, cfg)
+    nodes = subgraph_nodes(model.graph)
     if not needs_folding(cfg):
-        return path.read_bytes()
-    return fold(model, cfg).SerializeToString()
+        return Prepared(path.read_bytes(), nodes)
+    return Prepared(fold(model, cfg).SerializeToString(), nodes)
+
+
+def subgraph_nodes(graph: onnx.GraphProto) -> int:
+    """Nodes inside Loop/If/Scan bodies, at any depth (the SSD's NMS loop has about 5,500)."""
+    total = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                total += len(body.node) + subgraph_nodes(body)
+    return total
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str] | None:

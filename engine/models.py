@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from loguru import logger
 
+from engine.ortcache import OrtCache
 from engine.repository import ModelConfig
-from engine.session import OrtSession, Session
+from engine.session import CUDA, NO_REUSE_SUBGRAPH_NODES, OrtSession, Session, plan_instances, probe_ms
 from ipc.messages import InputSpec, ModelInfo
 
 
@@ -50,15 +51,67 @@ def model_info(cfg: ModelConfig, version: int, session: Session) -> ModelInfo:
         max_detections=cfg.max_detections,
         inputs=inputs,
         outputs=outputs,
+        labels=list(cfg.labels),
     )
 
 
-def load(cfg: ModelConfig, version: int, providers: list[str], threads: int) -> LoadedModel:
-    from engine.graph import prepare
+def load(
+    cfg: ModelConfig, version: int, providers: list[str], threads: int, *, cache: OrtCache | None = None
+) -> LoadedModel:
+    from engine.graph import prepare_model
 
     started = time.perf_counter()
-    model_bytes = prepare(cfg, cfg.onnx_path(version))
-    session = OrtSession(model_bytes, "", providers, threads, max_batch=cfg.max_batch_size)
+    prepared = prepare_model(cfg, cfg.onnx_path(version))
+    session = OrtSession(
+        prepared.data,
+        "",
+        providers,
+        threads,
+        max_batch=cfg.max_batch_size,
+        cache=cache,
+        mem_reuse=prepared.subgraph_nodes < NO_REUSE_SUBGRAPH_NODES,
+    )
     elapsed = time.perf_counter() - started
-    logger.info("loaded {}/{} ({}) in {:.2f}s on {}", cfg.name, version, cfg.task, elapsed, session.providers)
+    logger.info(
+        "loaded {}/{} ({}) in {:.2f}s on {}{}",
+        cfg.name,
+        version,
+        cfg.task,
+        elapsed,
+        session.providers,
+        " (optimized graph from the cache)" if session.cache_hit else "",
+    )
     return LoadedModel(cfg, version, session, model_info(cfg, version, session), elapsed)
+
+
+@dataclass(frozen=True)
+class Plan:
+    instances: int = 0  # concurrent runners per model version; 0: auto (see plan_instances)
+    threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: auto
+
+
+def load_planned(
+    cfg: ModelConfig, version: int, providers: list[str], plan: Plan, cache: OrtCache | None
+) -> tuple[LoadedModel, int]:
+    """Load with the instance and thread plan that suits the model (see plan_instances)."""
+    if providers[0] == CUDA or (plan.instances and plan.threads):
+        instances, threads = plan_instances(providers, plan.instances, plan.threads, 0.0)
+        return load(cfg, version, providers, threads, cache=cache), instances
+    single = load(cfg, version, providers, 1, cache=cache)
+    try:
+        run_ms = probe_ms(single.session, single.input_shape)
+    except Exception as exc:  # the model's own checks at serving time will say more
+        logger.warning("{}/{}: probe run failed ({}); planning as a light model", cfg.name, version, exc)
+        run_ms = 0.0
+    instances, threads = plan_instances(providers, plan.instances, plan.threads, run_ms)
+    logger.info(
+        "{}/{}: {:.1f} ms per single-threaded run: {} instance(s) x {} intra-op thread(s)",
+        cfg.name,
+        version,
+        run_ms,
+        instances,
+        threads,
+    )
+    if threads == 1:
+        return single, instances
+    return load(cfg, version, providers, threads, cache=cache), instances

@@ -24,7 +24,19 @@ OUTPUT_ROLES: dict[str, tuple[str, ...]] = {
     "raw": (),
 }
 _KEYS: dict[str, tuple[str, ...]] = {
-    "": ("task", "labels", "description", "source", "input", "outputs", "head", "thresholds", "batching"),
+    "": (
+        "task",
+        "labels",
+        "description",
+        "source",
+        "input",
+        "outputs",
+        "head",
+        "thresholds",
+        "batching",
+        "version_policy",
+        "warmup",
+    ),
     "input.": (
         "name",
         "height",
@@ -42,7 +54,10 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "head.": ("layout", "num_classes", "softmax"),
     "thresholds.": ("confidence", "iou", "max_detections", "top_k"),
     "batching.": ("max_batch_size", "max_queue_delay_ms", "queue_limit"),
+    "version_policy.": ("all", "latest", "specific"),
+    "warmup.": ("runs", "batch_sizes", "data"),
 }
+WARMUP_DATA = ("zeros", "random")
 
 
 class ModelConfigError(ValueError):
@@ -83,7 +98,24 @@ class ModelConfig:
     max_batch_size: int = 1
     max_queue_delay_ms: float = 2.0
     queue_limit: int = 64
-    versions: tuple[int, ...] = ()
+    versions: tuple[int, ...] = ()  # on disk
+    policy: str = "all"  # all | latest | specific: which of ``versions`` are served
+    policy_latest: int = 1
+    policy_specific: tuple[int, ...] = ()
+    warmup_runs: int = 1  # runs per warm-up batch size before a version is served (0: none)
+    warmup_batch_sizes: tuple[int, ...] = ()  # () = 1 and max_batch_size
+    warmup_data: str = "zeros"
+
+    def served_versions(self) -> tuple[int, ...]:
+        """The versions the version policy selects among those on disk, ascending."""
+        if self.policy == "latest":
+            return self.versions[-self.policy_latest :]
+        if self.policy == "specific":
+            return tuple(v for v in self.versions if v in self.policy_specific)
+        return self.versions
+
+    def warmup_sizes(self) -> tuple[int, ...]:
+        return self.warmup_batch_sizes or tuple(sorted({1, self.max_batch_size}))
 
     @property
     def path(self) -> Path:
@@ -227,6 +259,41 @@ def _labels(top: _Reader, directory: Path) -> tuple[str, ...]:
     return tuple(lines)
 
 
+def _policy(top: _Reader) -> tuple[str, int, tuple[int, ...]]:
+    """``[version_policy]``: exactly one of ``all = true``, ``latest = N``, ``specific = [1, 3]``."""
+    pol = top.sub("version_policy")
+    if not pol.table:
+        return "all", 1, ()
+    if len(pol.table) != 1:
+        raise pol.fail(sorted(pol.table)[1], "give exactly one of all, latest, specific")
+    if "all" in pol.table:
+        if pol.get("all", bool, True) is not True:
+            raise pol.fail("all", "must be true (or use latest / specific)")
+        return "all", 1, ()
+    if "latest" in pol.table:
+        return "latest", pol.positive("latest", int, None), ()
+    versions = pol.table["specific"]
+    if not (
+        isinstance(versions, list)
+        and versions
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in versions)
+    ):
+        raise pol.fail("specific", f"expected a non-empty list of version numbers >= 1, got {versions!r}")
+    return "specific", 1, tuple(sorted(set(versions)))
+
+
+def _warmup(top: _Reader, max_batch: int) -> tuple[int, tuple[int, ...], str]:
+    warm = top.sub("warmup")
+    runs = warm.positive("runs", int, 1, zero=True)
+    sizes = warm.table.get("batch_sizes", [])
+    if not (isinstance(sizes, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in sizes)):
+        raise warm.fail("batch_sizes", f"expected a list of batch sizes, got {sizes!r}")
+    for b in sizes:
+        if not 1 <= b <= max_batch:
+            raise warm.fail("batch_sizes", f"{b} is not within 1..batching.max_batch_size ({max_batch})")
+    return runs, tuple(sorted(set(sizes))), warm.choice("data", WARMUP_DATA, "zeros")
+
+
 def load_config(directory: Path) -> ModelConfig:
     path = directory / "model.toml"
     try:
@@ -262,6 +329,9 @@ def load_config(directory: Path) -> ModelConfig:
     if task != "classify" and "softmax" in head.table:
         raise head.fail("softmax", 'applies only to task = "classify"')
     top_k = thr.positive("top_k", int, 5)
+    max_batch = bat.positive("max_batch_size", int, 1)
+    policy, latest, specific = _policy(top)
+    warmup_runs, warmup_sizes, warmup_data = _warmup(top, max_batch)
     versions = versions_of(directory) if directory.is_dir() else ()
     if not versions:
         raise ModelConfigError(f"{directory}: no <version>/model.onnx found (versions are directories 1, 2, ...)")
@@ -280,10 +350,16 @@ def load_config(directory: Path) -> ModelConfig:
         softmax=head.get("softmax", bool, True),
         yolo_layout=head.choice("layout", YOLO_LAYOUTS, "auto"),
         num_classes=num_classes or len(labels),
-        max_batch_size=bat.positive("max_batch_size", int, 1),
+        max_batch_size=max_batch,
         max_queue_delay_ms=bat.positive("max_queue_delay_ms", float, 2.0, zero=True),
         queue_limit=bat.positive("queue_limit", int, 64),
         versions=versions,
+        policy=policy,
+        policy_latest=latest,
+        policy_specific=specific,
+        warmup_runs=warmup_runs,
+        warmup_batch_sizes=warmup_sizes,
+        warmup_data=warmup_data,
     )
 
 
