@@ -12,6 +12,7 @@ import asyncio
 
 from starlette.requests import Request
 
+from frontend.params import ascii_int
 from ipc.errors import PayloadTooLarge, RingserveError
 
 
@@ -27,8 +28,8 @@ async def read_limited(request: Request, limit: int, timeout: float | None = Non
     ``timeout`` defaults to the app's ``settings.body_timeout_s``, so every route that reads its
     body here is bounded without passing it.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = ascii_int(request.headers.get("content-length"))  # a malformed one: the server's 400
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit}")
     if timeout is None:
         timeout = request.app.state.settings.body_timeout_s

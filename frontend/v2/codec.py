@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 
+from frontend.params import ascii_int
 from frontend.v2.errors import bad
 
 # V2 datatype -> numpy dtype (BYTES: a Python object array of bytes)
@@ -99,10 +100,9 @@ def split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and the binary tensor data after it."""
     if header_length is None:
         return body, memoryview(b"")
-    text = header_length.strip()
-    if not text.isdigit():
+    n = ascii_int(header_length.strip())
+    if n is None:
         raise bad(f"Inference-Header-Content-Length must be a non-negative integer, got '{header_length}'")
-    n = int(text)
     if n == 0 or n > len(body):
         raise bad(f"Inference-Header-Content-Length {n} does not fit a request body of {len(body)} bytes")
     view = memoryview(body)

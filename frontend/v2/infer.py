@@ -1,22 +1,27 @@
-"""One V2 inference: N images become N engine requests, gathered back in order."""
+"""One V2 inference: N images become N requests to the image service, gathered back in order.
+
+The per-image work (deadline, decode off the event loop in the bounded queue, slot, engine call,
+boxes in original pixels) is frontend/service.py's; this module maps V2's parameters onto the
+shared ones and the service's results onto what the V2 outputs and statistics need. HTTP and gRPC
+both call it.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
 
-from frontend import imaging
-from frontend.client import EngineClient
-from frontend.predict import Params
+from frontend.params import Params, invalid
+from frontend.service import ImageRequest, ImageResult, ImageService
 from frontend.settings import Settings
 from frontend.v2.errors import bad
 from frontend.v2.inputs import Images
+from frontend.v2.stats import Sample
 from ipc import messages as m
+from ipc.errors import RingserveError
 
 
 @dataclass(frozen=True)
@@ -25,12 +30,30 @@ class Options:
     max_detections: int  # 0: the model's default
     timeout: float
 
+    def params(self) -> Params:
+        return Params(
+            confidence_threshold=None if self.confidence < 0 else self.confidence,
+            max_detections=self.max_detections or None,
+            timeout_s=self.timeout,
+        )
+
 
 @dataclass(frozen=True)
 class Outcome:
-    results: list[m.Result]
-    geometries: list[imaging.Geometry]
+    results: list[ImageResult]
     input_ns: float  # decode + resize/copy into the ring slots, summed over the images
+
+    def sample(self, total_ns: float, output_ns: float) -> Sample:
+        """This request in the box-wide V2 statistics."""
+        t = [r.timings for r in self.results]
+        return Sample(
+            total_ns=total_ns,
+            queue_ns=max(x.queue_ms for x in t) * 1e6,
+            input_ns=self.input_ns,
+            infer_ns=max(x.inference_ms for x in t) * 1e6,
+            output_ns=output_ns,
+            batches=[(r.batch_size, r.timings.inference_ms * 1e6) for r in self.results],
+        )
 
 
 def options(params: dict[str, Any], settings: Settings) -> Options:
@@ -41,12 +64,11 @@ def options(params: dict[str, Any], settings: Settings) -> Options:
     try:
         p = Params.model_validate(ours)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise bad(f"parameter '{first['loc'][0]}': {first['msg']}") from None
+        raise invalid(exc) from None
     timeout = settings.request_timeout_s
     if "timeout" in params:
         us = params["timeout"]
-        if isinstance(us, bool) or not isinstance(us, int | float) or us <= 0:
+        if isinstance(us, bool) or not isinstance(us, int | float) or not 0 < us < float("inf"):
             raise bad(f"parameter 'timeout' must be a positive number of microseconds, got {us!r}")
         timeout = min(timeout, us / 1e6)
     return Options(
@@ -57,50 +79,29 @@ def options(params: dict[str, Any], settings: Settings) -> Options:
 
 
 async def run(
-    client: EngineClient,
-    settings: Settings,
+    service: ImageService,
     info: m.ModelInfo,
     images: Images,
     req_id: str,
     opts: Options,
     *,
     raw: bool,
+    accepted: float | None = None,
 ) -> Outcome:
-    n = images.count
-    geometries: list[imaging.Geometry | None] = [None] * n
-    spent = [0.0] * n
+    """Every image through the service; the first failure fails the request (as tritonserver)."""
+    accepted = time.monotonic() if accepted is None else accepted
+    params, n = opts.params(), images.count
 
-    async def one(i: int) -> m.Result:
-        started = time.perf_counter_ns()
+    def request(i: int) -> ImageRequest:
+        rid = req_id if n == 1 else f"{req_id}.{i}"
         if images.pixels is not None:
-            pixels = images.pixels[i]
-            h, w = pixels.shape[:2]
+            return ImageRequest(info.name, info.version, params, rid, accepted, pixels=images.pixels[i], raw=raw)
+        return ImageRequest(info.name, info.version, params, rid, accepted, image=images.encoded[i], raw=raw)
 
-            def fill(out: np.ndarray) -> None:
-                np.copyto(out, pixels)
-                geometries[i] = imaging.Geometry(w, h, 1.0, 1.0, 0.0, 0.0)
-                spent[i] = time.perf_counter_ns() - started
-        else:
-            img, width, height = imaging.decode(images.encoded[i], info.input, settings.max_pixels)
-
-            def fill(out: np.ndarray) -> None:
-                geometries[i] = imaging.fit(img, width, height, info.input, out)
-                spent[i] = time.perf_counter_ns() - started
-
-        return await client.infer(
-            info,
-            fill,
-            req_id=req_id if n == 1 else f"{req_id}.{i}",
-            timeout=opts.timeout,
-            confidence=opts.confidence,
-            max_detections=opts.max_detections,
-            raw=raw,
-        )
-
-    # Wait for every image before answering, so no engine request outlives the HTTP request.
-    settled = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    # Every image is answered before the request is, so no engine request outlives it.
+    settled = await service.predict_batch([request(i) for i in range(n)])
     for item in settled:
-        if isinstance(item, BaseException):
+        if isinstance(item, RingserveError):
             raise item
-    results = [r for r in settled if isinstance(r, m.Result)]
-    return Outcome(results, [g for g in geometries if g is not None], float(sum(spent)))
+    results = [r for r in settled if isinstance(r, ImageResult)]
+    return Outcome(results, sum(r.timings.decode_ms for r in results) * 1e6)

@@ -11,12 +11,11 @@ Two forms are accepted under the model's input name (the datatype tells them apa
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 
 import numpy as np
 
+from frontend.params import b64decode
 from frontend.v2 import codec
 from frontend.v2.errors import bad
 from frontend.v2.schemas import InferRequest, RequestInput, int_param
@@ -126,7 +125,4 @@ def _encoded(inp: RequestInput, raw: memoryview | None) -> tuple[bytes, ...]:
     flat = [x for row in data for x in row] if data and isinstance(data[0], list) else data
     if len(flat) != n or not all(isinstance(x, str) for x in flat):
         raise bad(f"input '{inp.name}': 'data' must hold {n} base64 strings")
-    try:
-        return tuple(base64.b64decode(x, validate=True) for x in flat)
-    except (binascii.Error, ValueError):
-        raise bad(f"input '{inp.name}': JSON BYTES elements must be base64-encoded images") from None
+    return tuple(b64decode(x, f"input '{inp.name}': a JSON BYTES element") for x in flat)

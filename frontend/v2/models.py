@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from frontend.client import EngineClient
+from frontend.params import positive_version
 from frontend.v2 import codec
 from frontend.v2.errors import V2Error, bad
 from frontend.v2.inputs import input_name
@@ -33,9 +34,10 @@ def resolve(client: EngineClient, name: str, version: str) -> ModelInfo:
         raise bad(f"Request for unknown model: '{name}' is not found")
     if not version:
         return client.models[(name, available[-1])]
-    if not version.isdigit() or int(version) < 1:
+    number = positive_version(version)
+    if number is None:
         raise bad(f"failed to parse model version '{version}' of model '{name}'")
-    info = client.models.get((name, int(version)))
+    info = client.models.get((name, number))
     if info is None:
         raise V2Error(404, f"Request for unknown model: '{name}' version {version} is not found")
     return info

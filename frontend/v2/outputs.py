@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from frontend import imaging
+from frontend.service import ImageResult
 from frontend.v2 import codec
 from frontend.v2.errors import V2Error, bad
 from frontend.v2.infer import Outcome
@@ -84,7 +84,7 @@ def build(info: m.ModelInfo, outcome: Outcome, wanted: set[str]) -> list[Tensor]
         )
     extra = extra_output(info)
     if extra and extra in wanted:
-        items = tuple(orjson.dumps(_summary(info, r, g)) for r, g in zip(results, outcome.geometries, strict=True))
+        items = tuple(orjson.dumps(_summary(info, r)) for r in results)
         tensors.append(Tensor(extra, "BYTES", [n], codec.serialize_bytes(list(items)), items))
     missing = wanted - {t.name for t in tensors}
     if missing:
@@ -92,26 +92,17 @@ def build(info: m.ModelInfo, outcome: Outcome, wanted: set[str]) -> list[Tensor]
     return tensors
 
 
-def _find(result: m.Result, name: str) -> m.Tensor:
+def _find(result: ImageResult, name: str) -> m.Tensor:
     for t in result.tensors:
         if t.name == name:
             return t
     raise V2Error(500, f"the engine returned no output '{name}' for one image")
 
 
-def _summary(info: m.ModelInfo, r: m.Result, geo: imaging.Geometry) -> list[dict[str, Any]]:
+def _summary(info: m.ModelInfo, r: ImageResult) -> list[dict[str, Any]]:
     """Exactly what the REST API answers for this image."""
-    if info.task == "classify":
-        return [{"label": c.label, "class_id": c.class_id, "confidence": round(c.score, 4)} for c in r.classes]
-    return [
-        {
-            "label": d.label,
-            "class_id": d.class_id,
-            "confidence": round(d.score, 4),
-            "bbox": geo.to_original(d.x1, d.y1, d.x2, d.y2),
-        }
-        for d in r.detections
-    ]
+    found = r.classes if info.task == "classify" else r.detections
+    return [x.model_dump(mode="json") for x in found]
 
 
 def _region(name: str, p: dict[str, Any]) -> tuple[str, int, int] | None:

@@ -100,12 +100,14 @@ class V2Api:
         body = codec.decompress(body, request.headers.get("content-encoding", ""), settings.max_body_bytes)
         header, binary = codec.split(body, request.headers.get("inference-header-content-length"))
         req: schemas.InferRequest = schemas.parse(schemas.InferRequest, header, "inference request")
+        accepted = time.monotonic()
         opts = infer.options(req.parameters, settings)
         binary_default = schemas.bool_param(req.parameters, "binary_data_output", False)
         wanted, raw = outputs.check_requested(info, req.outputs)
         outputs.check_regions(req.outputs, shm)
         images = inputs.read(req, binary, info, shm)
-        outcome = await infer.run(client, settings, info, images, request_id(request), opts, raw=raw)
+        service = request.app.state.service
+        outcome = await infer.run(service, info, images, request_id(request), opts, raw=raw, accepted=accepted)
         building = time.perf_counter_ns()
         tensors = outputs.build(info, outcome, wanted)
         head: dict[str, Any] = {"model_name": info.name, "model_version": str(info.version)}
@@ -113,19 +115,7 @@ class V2Api:
             head["id"] = req.id
         payload, header_length = outputs.encode(head, tensors, req.outputs, binary_default, shm)
         done = time.perf_counter_ns()
-        results = outcome.results
-        self.state.stats.success(
-            info.name,
-            info.version,
-            stats.Sample(
-                total_ns=done - started,
-                queue_ns=max(r.queue_ms for r in results) * 1e6,
-                input_ns=outcome.input_ns,
-                infer_ns=max(r.inference_ms for r in results) * 1e6,
-                output_ns=done - building,
-                batches=[(r.batch_size, r.inference_ms * 1e6) for r in results],
-            ),
-        )
+        self.state.stats.success(info.name, info.version, outcome.sample(done - started, done - building))
         if header_length is None:
             return Response(payload, media_type="application/json")
         return Response(
