@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from engine import control
 from ipc import logs
 from ipc.sockets import default_run_dir
 
@@ -46,6 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="concurrent runs per model on the CPU (0: one per core)",
     )
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default=_env("PROVIDERS", "auto"))
+    control.add_arguments(p)  # model control mode, polling, unload grace, ORT cache
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                 threads=args.threads,
                 instances=args.instances,
                 providers=args.providers,
+                lifecycle=control.from_args(args),
             )
         )
     elif args.command == "serve":

@@ -20,6 +20,7 @@ from pathlib import Path
 import zmq
 from loguru import logger
 
+from engine import control
 from ipc import messages as m
 from ipc.metrics_dir import ENV as METRICS_ENV
 from ipc.metrics_dir import metrics_dir, wipe
@@ -84,6 +85,7 @@ class Launcher:
             str(a.instances),
             "--providers",
             a.providers,
+            *control.argv(a),
         ]
 
     def _frontend_cmd(self) -> list[str]:

@@ -21,8 +21,9 @@ from loguru import logger
 from engine import metrics
 from engine import models as model_loader
 from engine.batcher import Batcher, Job
+from engine.control import LifecycleSettings
 from engine.repository import ModelConfig, scan
-from engine.session import CUDA, ProviderUnavailable, choose_providers, plan_instances, probe_ms, quiet_ort
+from engine.session import ProviderUnavailable, choose_providers, quiet_ort
 from ipc import messages as m
 from ipc.errors import BadInput, DeadlineExceeded, EngineUnavailable, ModelNotFound, RingserveError
 from ipc.ring import MappedRing, pid_alive, remove_orphans
@@ -41,6 +42,7 @@ class EngineSettings:
     instances: int = 0  # concurrent runners per model version; 0: auto (see plan_instances)
     providers: str = "auto"  # auto | cpu | cuda
     heartbeat_s: float = 0.2
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Engine:
         self._local = threading.local()
         self._ctx = zmq.Context()
         self.restarts = 0
+        self.ort_cache = settings.lifecycle.cache(settings.repo)
         self.exit_code = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -90,28 +93,8 @@ class Engine:
         self, cfg: ModelConfig, version: int, providers: list[str]
     ) -> tuple[model_loader.LoadedModel, int]:
         """Load with the instance and thread plan that suits the model (see plan_instances)."""
-        s = self.settings
-        if providers[0] == CUDA or (s.instances and s.threads):
-            instances, threads = plan_instances(providers, s.instances, s.threads, 0.0)
-            return model_loader.load(cfg, version, providers, threads), instances
-        single = model_loader.load(cfg, version, providers, 1)
-        try:
-            run_ms = probe_ms(single.session, single.input_shape)
-        except Exception as exc:  # the model's own checks at serving time will say more
-            logger.warning("{}/{}: probe run failed ({}); planning as a light model", cfg.name, version, exc)
-            run_ms = 0.0
-        instances, threads = plan_instances(providers, s.instances, s.threads, run_ms)
-        logger.info(
-            "{}/{}: {:.1f} ms per single-threaded run: {} instance(s) x {} intra-op thread(s)",
-            cfg.name,
-            version,
-            run_ms,
-            instances,
-            threads,
-        )
-        if threads == 1:
-            return single, instances
-        return model_loader.load(cfg, version, providers, threads), instances
+        plan = model_loader.Plan(self.settings.instances, self.settings.threads)
+        return model_loader.load_planned(cfg, version, providers, plan, self.ort_cache)
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
