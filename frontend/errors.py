@@ -6,10 +6,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from loguru import logger
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, HTTPConnection
 
 from frontend.body import BodyTimeout
 from frontend.jsonresp import JSONResponse
+from frontend.params import invalid
 from ipc import errors as e
 
 STATUS: dict[type[e.RingserveError], int] = {
@@ -28,11 +29,11 @@ STATUS: dict[type[e.RingserveError], int] = {
 RETRY_AFTER = {e.EngineUnavailable: "1", e.QueueFull: "1"}
 
 
-def request_id(request: Request) -> str:
+def request_id(request: HTTPConnection) -> str:
     return getattr(request.state, "request_id", "-")
 
 
-def error_response(request: Request, status: int, error: str, detail: object) -> JSONResponse:
+def error_response(request: HTTPConnection, status: int, error: str, detail: object) -> JSONResponse:
     headers = {"X-Request-ID": request_id(request)}
     return JSONResponse(
         {"error": error, "detail": detail, "request_id": request_id(request)},
@@ -41,7 +42,8 @@ def error_response(request: Request, status: int, error: str, detail: object) ->
     )
 
 
-def to_response(request: Request, exc: e.RingserveError) -> JSONResponse:
+def to_response(request: HTTPConnection, exc: e.RingserveError) -> JSONResponse:
+    """The error body, status and Retry-After of ``exc``, counted and logged (also a refused WebSocket)."""
     count = getattr(request.app.state, "count_error", None)
     if count is not None:
         count(exc.reason)
@@ -51,7 +53,7 @@ def to_response(request: Request, exc: e.RingserveError) -> JSONResponse:
         response.headers["Retry-After"] = RETRY_AFTER[type(exc)]
     log = logger.bind(request_id=request_id(request))
     (log.error if status >= 500 and status != 503 else log.info)(
-        "{} {} -> {} {}: {}", request.method, request.url.path, status, exc.reason, exc.detail
+        "{} {} -> {} {}: {}", request.scope.get("method", "WS"), request.url.path, status, exc.reason, exc.detail
     )
     return response
 
@@ -63,8 +65,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [{"loc": list(err.get("loc", ())), "msg": str(err.get("msg", ""))} for err in exc.errors()]
-        return error_response(request, 422, "invalid_parameter", detail)
+        return to_response(request, invalid(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

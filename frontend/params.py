@@ -53,8 +53,10 @@ def validation_detail(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, obj
     return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in errors]
 
 
-def invalid(exc: ValidationError) -> InvalidParameter:
-    return InvalidParameter(validation_detail(exc.errors()))  # type: ignore[arg-type]
+def invalid(exc: ValidationError | Iterable[Mapping[str, Any]]) -> InvalidParameter:
+    """The ``invalid_parameter`` error of a validation failure (Pydantic's, or FastAPI's error list)."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else exc
+    return InvalidParameter(validation_detail(errors))  # type: ignore[arg-type]
 
 
 def parse_params(raw: Mapping[str, object]) -> Params:

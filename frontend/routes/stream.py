@@ -33,7 +33,6 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from frontend import errors
-from frontend.jsonresp import JSONResponse
 from frontend.params import PARAM_NAMES, Params, b64decode, check_names, invalid, merge, parse_params, positive_version
 from frontend.schemas_batch import StreamError, StreamFrameJSON, StreamResult
 from frontend.service import ImageRequest, ImageService
@@ -85,7 +84,7 @@ class Stream:
         self.options = options
         self.service: ImageService = ws.app.state.service
         self.settings: Settings = ws.app.state.settings
-        self.request_id = errors.request_id(ws)  # type: ignore[arg-type]
+        self.request_id = errors.request_id(ws)
         self.count_error = getattr(ws.app.state, "count_error", None)  # a metrics hook, when the app has one
         self.waiting: deque[Frame] = deque()
         self.wake = asyncio.Event()
@@ -213,18 +212,7 @@ def _frame_id_of(text: str, seq: int) -> int | str:
 
 async def _refuse(ws: WebSocket, exc: RingserveError) -> None:
     """Answer the handshake with the REST error (status + ``{error, detail, request_id}``)."""
-    rid = errors.request_id(ws)  # type: ignore[arg-type]
-    headers = {"X-Request-ID": rid}
-    if type(exc) in errors.RETRY_AFTER:
-        headers["Retry-After"] = errors.RETRY_AFTER[type(exc)]
-    status = errors.STATUS.get(type(exc), 500)
-    count_error = getattr(ws.app.state, "count_error", None)
-    if count_error is not None:
-        count_error(exc.reason)
-    logger.info("WS {} refused -> {} {}: {}", ws.url.path, status, exc.reason, exc.detail)
-    response = JSONResponse(
-        {"error": exc.reason, "detail": exc.detail, "request_id": rid}, status_code=status, headers=headers
-    )
+    response = errors.to_response(ws, exc)
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(response)
     else:

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from frontend.params import invalid
 from frontend.v2.errors import bad
 
 
@@ -43,10 +44,8 @@ class RegisterRequest(_Frozen):
 def parse(model: type[BaseModel], data: bytes, what: str) -> Any:
     try:
         return model.model_validate_json(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "body"
-        raise bad(f"malformed {what}: {where}: {first.get('msg', '')}") from None
+    except ValidationError as exc:  # the V2 error handler renders it as "<what>.<field>: <problem>"
+        raise invalid([{**err, "loc": (what, *err["loc"])} for err in exc.errors()]) from None
 
 
 def int_param(params: dict[str, Any], key: str, what: str, default: int | None = None) -> int | None:
