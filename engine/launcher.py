@@ -24,7 +24,7 @@ from engine import control
 from ipc import messages as m
 from ipc.metrics_dir import ENV as METRICS_ENV
 from ipc.metrics_dir import metrics_dir, wipe
-from ipc.ring import remove_orphans
+from ipc.ring import ShmTooSmall, remove_orphans, ring_bytes, shm_free_bytes
 from ipc.sockets import STARTS_FILE, engine_address, make_socket, prepare_run_dir, socket_path
 
 STABLE_S = 30.0
@@ -132,14 +132,25 @@ class Launcher:
             logger.info("engine ready: {} on {}", [f"{x.name}/{x.version}" for x in ready.models], ready.providers)
             if self.stopping.is_set():
                 return 0
+            self._check_shm(ready.slot_bytes)
             self.frontend = self._spawn(self._frontend_cmd())
             logger.info("serving on http://{}:{}", self.args.host, self.args.port)
             return self._supervise()
-        except (RuntimeError, TimeoutError) as exc:
+        except (RuntimeError, TimeoutError, ShmTooSmall) as exc:
             logger.error("{}", exc)
             return 1
         finally:
             self._shutdown()
+
+    def _check_shm(self, slot_bytes: int) -> None:
+        """Every worker's ring must fit in /dev/shm, or the box would be up but unable to serve."""
+        workers = self.args.workers or len(os.sched_getaffinity(0))
+        slots = int(os.environ.get("RINGSERVE_RING_SLOTS", "32"))
+        needed, free = workers * ring_bytes(slots, slot_bytes), shm_free_bytes()
+        if needed > free:
+            raise ShmTooSmall(free, needed)
+        mb = 2**20
+        logger.info("rings: {} x {:.1f} MB of {:.1f} MB free in /dev/shm", workers, needed / workers / mb, free / mb)
 
     def _supervise(self) -> int:
         backoff, started = 0.5, time.monotonic()

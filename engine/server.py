@@ -211,8 +211,13 @@ class Engine:
         else:
             logger.warning("dropped an unexpected {} from {!r}", type(msg).__name__, identity)
 
+    @property
+    def slot_bytes(self) -> int:
+        """What a ring slot must hold: the largest input of every model served."""
+        return max((int(np.prod(b.model.input_shape)) for b in self.batchers.values()), default=1)
+
     def ready_message(self, registered: bool) -> m.Ready:
-        slot_bytes = max((int(np.prod(b.model.input_shape)) for b in self.batchers.values()), default=1)
+        slot_bytes = self.slot_bytes
         return m.Ready(
             instance=self.instance,
             models=[b.model.info for b in self.batchers.values()],
@@ -225,7 +230,17 @@ class Engine:
 
     def _hello(self, router: zmq.Socket, identity: bytes, msg: m.Hello) -> None:  # type: ignore[type-arg]
         registered = False
-        if msg.ring:
+        if msg.ring and msg.slot_bytes < self.slot_bytes:
+            # The worker replaces a ring that is too small once its slots drain (Ready says the size).
+            self._forget(identity)
+            logger.info(
+                "refused ring {} of pid {}: {} bytes per slot, the models need {}",
+                msg.ring,
+                msg.pid,
+                msg.slot_bytes,
+                self.slot_bytes,
+            )
+        elif msg.ring:
             self._forget(identity)
             try:
                 ring = MappedRing(msg.ring, msg.slots, msg.slot_bytes)

@@ -1,9 +1,14 @@
 """The worker's view of the engine: a DEALER socket, its ring, and the handshake state.
 
-States: not ready (sending Hello every HELLO_EVERY_S) -> ready (registered ring, heartbeats
-arriving). A heartbeat gap longer than ``heartbeat_timeout_s`` or a new engine instance id means
-the engine is gone: every in-flight request fails at once with EngineUnavailable, all slots come
-back, and the handshake starts again. The worker itself never needs a restart.
+States: not ready (sending Hello every HELLO_EVERY_S) -> ready (a connected socket, a registered
+ring whose slots hold every model's input, heartbeats arriving). A closed connection (seen at once
+through the socket's monitor), a heartbeat gap longer than ``heartbeat_timeout_s`` or a new engine
+instance id means the engine is gone: every in-flight request fails at once with EngineUnavailable,
+all slots come back, and the handshake starts again. The worker itself never needs a restart.
+
+Ready means the send path works: with IMMEDIATE, a send on a socket whose connection is gone fails
+at once, so readiness follows the connection itself, not only the last handshake. Each background
+task is supervised: one that ends is logged and started again.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import numpy as np
 import zmq
 import zmq.asyncio
 from loguru import logger
+from zmq.utils.monitor import parse_monitor_message
 
+from frontend.background import Supervised
 from ipc import messages as m
 from ipc.errors import DeadlineExceeded, EngineUnavailable, ModelNotFound, QueueFull, from_reason
 from ipc.ring import Ring
@@ -60,9 +67,12 @@ class EngineClient:
         self.latest: dict[str, int] = {}
         self.pending: dict[tuple[int, int], Pending] = {}
         self.engine_losses = 0
+        self.connected = False
+        self.fault = ""  # why this worker cannot serve although the engine is there (say /dev/shm full)
+        self._monitor_sock: zmq.asyncio.Socket | None = None
         self._last_seen = 0.0
         self._last_hello = 0.0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Supervised()
         self._on_ring_change = on_ring_change or (lambda in_use, slots: None)
 
     def _ring_changed(self) -> None:
@@ -71,20 +81,20 @@ class EngineClient:
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._receive(), name="engine-receive"),
-            asyncio.create_task(self._watch(), name="engine-watch"),
-        ]
+        self._monitor_sock = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._tasks.start(self._receive, "engine-receive")
+        self._tasks.start(self._watch, "engine-watch")
+        self._tasks.start(self._monitor, "engine-monitor")
 
     async def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
             await self.sock.send(m.encode(m.Bye(os.getpid())), zmq.NOBLOCK)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.close()
         self._fail_all("the worker is stopping")
+        if self._monitor_sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self._monitor_sock.close(linger=0)
         self.sock.close(linger=0)
         self.ctx.term()
         if self.ring is not None:
@@ -93,12 +103,18 @@ class EngineClient:
 
     @property
     def is_ready(self) -> bool:
-        return self.ready is not None
+        return self.ready is not None and self.connected and self.ring_fits
+
+    @property
+    def ring_fits(self) -> bool:
+        """Our ring's slots hold the input of every model the engine serves."""
+        needed = max((x.input.height * x.input.width * 3 for x in self.models.values()), default=0)
+        return self.ring is not None and self.ring.slot_bytes >= needed
 
     # ----------------------------------------------------------------- requests
     def resolve(self, model: str, version: int | None) -> m.ModelInfo:
         if not self.is_ready:
-            raise EngineUnavailable("the engine is not connected")
+            raise EngineUnavailable(self.fault or "the engine is not connected")
         if version is None:
             if model not in self.latest:
                 raise ModelNotFound(f"model {model!r} is not served")
@@ -120,8 +136,8 @@ class EngineClient:
         raw: bool = False,
     ) -> m.Result:
         """Write the pixels into a free slot with ``fill`` and wait for the engine's answer."""
-        if self.ready is None or self.ring is None:
-            raise EngineUnavailable("the engine is not connected")
+        if not self.is_ready or self.ring is None:
+            raise EngineUnavailable(self.fault or "the engine is not connected")
         ring = self.ring
         slot, generation = ring.acquire()
         self._ring_changed()
@@ -150,6 +166,8 @@ class EngineClient:
         except zmq.Again:
             ring.release(slot, generation)
             self._ring_changed()
+            if not self.connected:
+                raise EngineUnavailable("the connection to the engine closed") from None
             raise QueueFull("the engine's socket queue is full") from None
         future: asyncio.Future[m.Result] = asyncio.get_running_loop().create_future()
         self.pending[(slot, generation)] = Pending(future, req_id)
@@ -162,20 +180,37 @@ class EngineClient:
     # ----------------------------------------------------------------- engine messages
     async def _receive(self) -> None:
         while True:
+            payload = await self.sock.recv()
             try:
-                payload = await self.sock.recv()
                 msg = m.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 logger.warning("dropped an undecodable engine message: {}", exc)
                 continue
             self._last_seen = time.monotonic()
-            if isinstance(msg, (m.Result, m.Error)):
-                self._complete(msg)
-            elif isinstance(msg, m.Heartbeat):
-                if self.ready is not None and msg.instance != self.instance:
-                    self._lost(f"engine instance changed to {msg.instance}")
-            elif isinstance(msg, m.Ready):
-                await self._on_ready(msg)
+            try:
+                self._dispatch(msg)
+            except Exception:  # one bad message must not end the task that receives all of them
+                logger.exception("failed to handle a {} from the engine", type(msg).__name__)
+
+    def _dispatch(self, msg: m.Message) -> None:
+        if isinstance(msg, (m.Result, m.Error)):
+            self._complete(msg)
+        elif isinstance(msg, m.Heartbeat):
+            if self.ready is not None and msg.instance != self.instance:
+                self._lost(f"engine instance changed to {msg.instance}")
+        elif isinstance(msg, m.Ready):
+            self._on_ready(msg)
+
+    async def _monitor(self) -> None:
+        assert self._monitor_sock is not None
+        while True:
+            event = parse_monitor_message(await self._monitor_sock.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                if self.ready is not None:
+                    self._lost("the connection to the engine closed")
 
     def _complete(self, msg: m.Result | m.Error) -> None:
         if self.ring is not None:
@@ -191,10 +226,11 @@ class EngineClient:
             if msg.reason == EngineUnavailable.reason and self.ready is not None:
                 self._lost(f"the engine does not know this worker: {msg.detail}")
 
-    async def _on_ready(self, msg: m.Ready) -> None:
+    def _on_ready(self, msg: m.Ready) -> None:
         if self.ready is not None and msg.instance != self.instance:
             self._lost(f"engine instance changed to {msg.instance}")
-        if msg.registered:
+        fits = self.ring is not None and self.ring.slot_bytes >= msg.slot_bytes
+        if msg.registered and fits:
             if self.ready is None:
                 logger.info("engine {} ready: {} models", msg.instance, len(msg.models))
             self.ready, self.instance = msg, msg.instance
@@ -203,14 +239,30 @@ class EngineClient:
             for x in msg.models:
                 self.latest[x.name] = max(x.version, self.latest.get(x.name, 0))
             return
-        if self.ring is None or self.ring.slot_bytes < msg.slot_bytes:
-            if self.ring is not None:
-                if self.ring.in_use:
-                    return  # replace the ring only once all of its slots are back
-                self.ring.close()
-            self.ring = Ring(self.slots, msg.slot_bytes)
+        if fits:
+            return  # refused for another reason (logged by the engine): Hello again at the next tick
+        self._replace_ring(msg.slot_bytes)
+
+    def _replace_ring(self, slot_bytes: int) -> None:
+        """A ring whose slots hold ``slot_bytes``, once every slot of the old one is back."""
+        if self.ring is not None:
+            if self.ring.in_use:
+                return
+            self.ring.close()
+            self.ring = None
             self._ring_changed()
-            self._last_hello = 0.0  # register the new ring on the next watch tick
+        try:
+            self.ring = Ring(self.slots, slot_bytes)
+        except OSError as exc:
+            if str(exc) != self.fault:
+                logger.error("cannot create this worker's ring: {}", exc)
+            self.fault = str(exc)
+            return
+        if self.fault:
+            logger.info("ring created: {}", self.ring.name)
+        self.fault = ""
+        self._ring_changed()
+        self._last_hello = 0.0  # register the new ring on the next watch tick
 
     async def _watch(self) -> None:
         while True:

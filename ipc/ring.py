@@ -1,29 +1,65 @@
 """Shared-memory rings: one segment per frontend worker, fixed-size slots of uint8 pixels.
 
-The worker creates the segment (``/dev/shm/ringserve-<uid>-<pid>-<n>``, mode 0600), owns its free
-list and is the only one to unlink it. The engine maps it with ``mmap`` directly: Python 3.11's
+The worker creates the segment (``/dev/shm/ringserve-<uid>-<pid>-<random>``, mode 0600), owns its
+free list and is the only one to unlink it. Its memory is reserved at creation (posix_fallocate):
+a /dev/shm too small is a clear error then, never a SIGBUS at the first write past the free space.
+The engine maps it with ``mmap`` directly: Python 3.11's
 ``multiprocessing.shared_memory`` would register the segment with the resource tracker, which
 unlinks the *creator's* segment when the *attaching* process exits.
 """
 
 from __future__ import annotations
 
-import itertools
+import errno
 import mmap
 import os
 import re
+import secrets
+import stat
 from collections import deque
 from pathlib import Path
 
 import numpy as np
+from loguru import logger
 
 from ipc.errors import BadInput, QueueFull
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "ringserve"
 _ALIGN = 4096
-_counter = itertools.count()
-_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)-(\d+)$")
+_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)-([0-9a-f]+)$")
+_MB = 1024 * 1024
+_CREATE_TRIES = 8
+
+
+class ShmTooSmall(OSError):
+    """/dev/shm cannot hold the rings; the message says by how much and what to change."""
+
+    def __init__(self, free: int, needed: int) -> None:
+        super().__init__(
+            errno.ENOSPC,
+            f"{SHM_DIR} has {free / _MB:.1f} MB free, the rings need {needed / _MB:.1f} MB: raise --shm-size "
+            "or lower RINGSERVE_RING_SLOTS / WORKERS",
+        )
+        self.free = free
+        self.needed = needed
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def shm_free_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def ring_bytes(slots: int, slot_bytes: int) -> int:
+    """The size of a ring of ``slots`` slots for inputs of ``slot_bytes`` bytes."""
+    return slots * _round_up(slot_bytes)
+
+
+def _token() -> str:
+    return secrets.token_hex(4)
 
 
 def _round_up(n: int) -> int:
@@ -52,15 +88,54 @@ def own_segments() -> list[Path]:
 
 
 def remove_orphans() -> list[str]:
-    """Unlink this uid's segments whose creating process is gone. Returns their names."""
+    """Unlink this uid's segments whose creating process is gone. Returns their names.
+
+    /dev/shm is shared with every local user: a name that looks like ours but is not a regular file
+    of this uid, or one we may not unlink, is skipped with a warning, never a crash.
+    """
     removed = []
+    uid = os.getuid()
     for path in own_segments():
         match = _NAME_RE.match(path.name)
-        assert match is not None
-        if not pid_alive(int(match.group(2))):
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
+        if match is None or pid_alive(int(match.group(2))):
+            continue
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+            logger.warning("skipping {}: not a segment of uid {} (owner uid {})", path, uid, st.st_uid)
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("could not remove orphan segment {}: {}", path, exc)
+            continue
+        removed.append(path.name)
     return removed
+
+
+def _create(size: int) -> tuple[str, int]:
+    """A new segment of ``size`` reserved bytes under a fresh random name (retried on EEXIST)."""
+    for _ in range(_CREATE_TRIES):
+        name = f"{PREFIX}-{os.getuid()}-{os.getpid()}-{_token()}"
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            logger.warning("{} already exists (not ours); trying another name", SHM_DIR / name)
+            continue
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(SHM_DIR / name)
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                raise ShmTooSmall(shm_free_bytes(), size) from None
+            raise
+        return name, fd
+    raise FileExistsError(errno.EEXIST, f"no free ring name in {SHM_DIR} after {_CREATE_TRIES} tries")
 
 
 class Ring:
@@ -71,11 +146,9 @@ class Ring:
             raise ValueError("a ring needs at least one slot of at least one byte")
         self.slots = slots
         self.slot_bytes = _round_up(slot_bytes)
-        self.name = f"{PREFIX}-{os.getuid()}-{os.getpid()}-{next(_counter)}"
+        self.name, fd = _create(self.slots * self.slot_bytes)
         self.path = SHM_DIR / self.name
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, self.slots * self.slot_bytes)
             self._mmap = mmap.mmap(fd, self.slots * self.slot_bytes)
         except BaseException:
             os.unlink(self.path)
@@ -136,9 +209,12 @@ class MappedRing:
             raise BadInput(f"not a ringserve segment of this user: {name!r}")
         self.name = name
         self.owner_pid = int(match.group(2))
-        fd = os.open(SHM_DIR / name, os.O_RDONLY)
+        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise BadInput(f"segment {name} is not a regular file of this user")
             if slots < 1 or slot_bytes < 1 or slots * slot_bytes != size:
                 raise BadInput(f"segment {name} is {size} bytes, not {slots} x {slot_bytes}")
             self._mmap = mmap.mmap(fd, size, prot=mmap.PROT_READ)

@@ -49,8 +49,10 @@ class Appliance:
         env: dict[str, str] | None = None,
         default_model: str = "pixels",
         args: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),  # run under this (say unshare + a private /dev/shm)
     ) -> None:
         self.repo = repo
+        self.prefix = prefix
         self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -62,6 +64,7 @@ class Appliance:
 
     def start(self, timeout: float = 180) -> Appliance:
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "engine",

@@ -27,14 +27,27 @@ async def live() -> dict[str, str]:
 async def ready(request: Request) -> Response:
     client: EngineClient = request.app.state.client
     ok = client.is_ready and bool(client.models)
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    body: dict[str, object] = {"ready": ok}
+    if not ok:
+        body["reason"] = _not_ready_reason(client)
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _not_ready_reason(client: EngineClient) -> str:
+    if client.fault:
+        return client.fault
+    if client.ready is None or not client.connected:
+        return "the engine is not connected"
+    if not client.ring_fits:
+        return "this worker's ring is being replaced to fit the models"
+    return "the engine serves no model"
 
 
 @router.get("/health")
 async def health(request: Request) -> Response:
     client: EngineClient = request.app.state.client
     r = client.ready
-    if r is None or not client.models:
+    if not client.is_ready or not client.models:
         status = "unhealthy"
     elif r.failed or r.restarts:
         status = "degraded"
@@ -43,8 +56,9 @@ async def health(request: Request) -> Response:
     ring = client.ring
     body = {
         "status": status,
+        "reason": _not_ready_reason(client) if status == "unhealthy" else None,
         "engine": {
-            "connected": r is not None,
+            "connected": r is not None and client.connected,
             "instance": client.instance or None,
             "restarts": r.restarts if r else None,
             "losses_seen_by_worker": client.engine_losses,
