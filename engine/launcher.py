@@ -115,6 +115,7 @@ class Launcher:
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
         env = dict(os.environ, RINGSERVE_RUN_DIR=str(self.run_dir))
+        env["RINGSERVE_MODEL_REPO"] = str(self.args.repo.resolve())  # workers: data/ lies beside it
         env[METRICS_ENV] = str(metrics_dir(self.run_dir))
         return subprocess.Popen(cmd, env=env, start_new_session=True)
 

@@ -16,6 +16,7 @@ from frontend.middleware import RequestContext
 from frontend.routes import batch, console, health, models, predict, stream
 from frontend.service import ImageService
 from frontend.settings import Settings
+from frontend.state import install as install_state
 from frontend.v2 import make_router as v2_router
 from ipc import logs
 from ipc.metrics_dir import compact, ensure_env
@@ -48,8 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.service = ImageService(client, settings, observe_decode=metrics.DECODE.observe)
         await client.start()
         try:
+            await app.state.shared.start(app)  # jobs, cache, prediction log around the service
             yield
         finally:
+            await app.state.shared.stop()
             app.state.service.close()
             await client.close()
 
@@ -63,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.count_error = lambda reason: metrics.ERRORS.labels(reason).inc()
     app.state.observe_decode = metrics.DECODE.observe
+    install_state(app, settings)  # frontend/state/: inside RequestContext (after the key check)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]

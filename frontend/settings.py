@@ -27,3 +27,24 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     log_json: bool = False
     log_level: str = "INFO"
+    # Shared state of the workers (frontend/state/: SQLite files under data_dir, issue 17).
+    model_repo: Path = Path("models")  # as `ringserve serve --repo` (the launcher exports it)
+    data_dir: Path | None = None  # None: a data/ folder beside the model repository
+    cache_entries: int = Field(0, ge=0)  # result cache; 0 = off
+    cache_bytes: int = Field(256 * 1024 * 1024, ge=0)  # ... and its bound on stored answers
+    rate_limit: str = ""  # e.g. "20/second;600/minute" per API key or client IP; "" = off
+    rate_limit_strategy: str = "moving-window"  # or sliding-window-counter, fixed-window
+    prediction_log: bool = False
+    prediction_log_days: float = Field(30.0, gt=0)
+    prediction_log_rows: int = Field(1_000_000, ge=1)
+    prediction_log_queue: int = Field(10_000, ge=1)
+    job_retention_s: float = Field(24 * 3600.0, gt=0)  # finished jobs are kept this long
+    job_max: int = Field(10_000, ge=1)  # stored jobs (any status); past it a new job is a 503
+    job_max_bytes: int = Field(2 * 1024**3, ge=1)  # their inputs and results together
+    job_lease_s: float = Field(10.0, gt=0)  # a job whose worker stops renewing is taken over
+    job_attempts: int = Field(8, ge=1)
+    job_concurrency: int = Field(1, ge=1)  # jobs one worker runs at a time
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir or self.model_repo.resolve().parent / "data"
