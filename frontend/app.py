@@ -13,7 +13,7 @@ from frontend import errors
 from frontend.client import EngineClient
 from frontend.jsonresp import JSONResponse
 from frontend.middleware import RequestContext
-from frontend.routes import batch, console, health, models, predict, stream
+from frontend.routes import batch, console, deepstack, health, models, predict, stream
 from frontend.service import ImageService
 from frontend.settings import Settings
 from frontend.state import install as install_state
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(batch.router)
     app.include_router(stream.router)
+    app.include_router(deepstack.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(v2_router(settings))

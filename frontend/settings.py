@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     log_json: bool = False
     log_level: str = "INFO"
+    # DeepStack API (frontend/routes/deepstack.py): the classifier behind /v1/vision/scene; "" = the first served
+    deepstack_scene_model: str = ""
     # Shared state of the workers (frontend/state/: SQLite files under data_dir, issue 17).
     model_repo: Path = Path("models")  # as `ringserve serve --repo` (the launcher exports it)
     data_dir: Path | None = None  # None: a data/ folder beside the model repository
