@@ -117,6 +117,7 @@ class Launcher:
         env = dict(os.environ, RINGSERVE_RUN_DIR=str(self.run_dir))
         env["RINGSERVE_MODEL_REPO"] = str(self.args.repo.resolve())  # workers: data/ lies beside it
         env[METRICS_ENV] = str(metrics_dir(self.run_dir))
+        env["RINGSERVE_HOST"] = self.args.host  # the workers' gRPC server binds the HTTP host
         return subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def run(self) -> int:

@@ -11,6 +11,7 @@ from loguru import logger
 
 from frontend import errors
 from frontend.client import EngineClient
+from frontend.grpc import serve as serve_grpc
 from frontend.jsonresp import JSONResponse
 from frontend.middleware import RequestContext
 from frontend.routes import batch, console, deepstack, health, models, predict, stream
@@ -48,11 +49,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.client = client
         app.state.service = ImageService(client, settings, observe_decode=metrics.DECODE.observe)
         await client.start()
+        grpc_server = None
         try:
+            grpc_server = await serve_grpc(settings, client, app.state.service)  # RINGSERVE_GRPC_PORT
             await app.state.shared.start(app)  # jobs, cache, prediction log around the service
             yield
         finally:
             await app.state.shared.stop()
+            if grpc_server is not None:
+                await grpc_server.close()
             app.state.service.close()
             await client.close()
 

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     decode_queue_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # and their encoded bytes
     heartbeat_timeout_s: float = Field(0.6, gt=0)
     api_key: str = ""
+    # Triton's gRPC API (frontend/grpc/): every worker serves it on this port (SO_REUSEPORT); 0 = off.
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    host: str = "127.0.0.1"  # the HTTP bind host (`ringserve serve --host` exports it); gRPC binds it too
     cors_origins: list[str] = []
     log_json: bool = False
     log_level: str = "INFO"

@@ -33,6 +33,7 @@ class ModelInfo(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     max_detections: int
     inputs: list[tuple[str, str, list[int]]] = []  # (name, dtype, shape) of the ONNX graph
     outputs: list[tuple[str, str, list[int]]] = []
+    labels: list[str] = []  # class index -> name (the V2 classification extension's labels)
 
 
 class Hello(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]

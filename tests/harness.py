@@ -56,8 +56,15 @@ class Appliance:
         self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()  # never the default 8001: SO_REUSEPORT would share it between appliances
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.run_dir = Path(tempfile.mkdtemp(prefix="rs-"))
-        self.env = {**os.environ, "RINGSERVE_DEFAULT_MODEL": default_model, **(env or {})}
+        self.env = {
+            **os.environ,
+            "RINGSERVE_DEFAULT_MODEL": default_model,
+            "RINGSERVE_GRPC_PORT": str(self.grpc_port),
+            **(env or {}),
+        }
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.run_dir.with_suffix(".log")
