@@ -37,17 +37,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=int(_env("ORT_THREADS", "0")),
+        default=_env("ORT_THREADS", "0"),  # argparse applies type= to a string default, at parse time
         help="ONNX Runtime intra-op threads on the CPU (0: one per core)",
     )
     p.add_argument(
         "--instances",
         type=int,
-        default=int(_env("INSTANCES", "0")),
+        default=_env("INSTANCES", "0"),
         help="concurrent runs per model on the CPU (0: one per core)",
     )
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default=_env("PROVIDERS", "auto"))
     control.add_arguments(p)  # model control mode, polling, unload grace, ORT cache
+
+
+def _http(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=_env("PORT", "8000"))
+    p.add_argument("--workers", type=int, default=_env("WORKERS", "0"), help="HTTP worker processes (0: one per core)")
+    p.add_argument("--drain-timeout", type=float, default=_env("DRAIN_TIMEOUT_S", "15"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,12 +63,29 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the appliance (engine + HTTP workers) in the foreground")
     _common(serve)
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
+    _http(serve)
     serve.add_argument(
-        "--workers", type=int, default=int(_env("WORKERS", "0")), help="HTTP worker processes (0: one per core)"
+        "--max-restarts",
+        type=int,
+        default=_env("MAX_RESTARTS", "5"),
+        help="give up (exit 3) when the engine exits more often than this within --restart-window",
     )
-    serve.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT_S", "15")))
+    serve.add_argument("--restart-window", type=float, default=_env("RESTART_WINDOW_S", "60"))
+    serve.add_argument(
+        "--restart-backoff-max",
+        type=float,
+        default=_env("RESTART_BACKOFF_MAX_S", "30"),
+        help="the engine restart delay doubles from 0.5 s up to this",
+    )
+
+    front = sub.add_parser("frontend", help="run only the HTTP workers (uvicorn; what supervisord runs)")
+    front.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path(_env("RUN_DIR", str(default_run_dir()))),
+        help="the engine's run directory (env RINGSERVE_RUN_DIR)",
+    )
+    _http(front)
 
     engine = sub.add_parser("engine", help="run only the engine process")
     _common(engine)
@@ -101,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         from engine.launcher import Launcher
 
         sys.exit(Launcher(args).run())
+    elif args.command == "frontend":
+        from engine.frontend_cmd import FrontendArgs, exec_frontend
+
+        exec_frontend(FrontendArgs(args.host, args.port, args.workers, args.drain_timeout, args.run_dir))
     elif args.command == "models":
         from engine import pull
 

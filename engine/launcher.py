@@ -21,14 +21,13 @@ import zmq
 from loguru import logger
 
 from engine import control
+from engine.frontend_cmd import FrontendArgs, frontend_env, uvicorn_argv, worker_count
 from ipc import messages as m
-from ipc.metrics_dir import ENV as METRICS_ENV
 from ipc.metrics_dir import metrics_dir, wipe
 from ipc.ring import ShmTooSmall, remove_orphans, ring_bytes, shm_free_bytes
 from ipc.sockets import STARTS_FILE, engine_address, make_socket, prepare_run_dir, socket_path
 
 STABLE_S = 30.0
-MAX_BACKOFF_S = 30.0
 READY_TIMEOUT_S = 300.0
 
 
@@ -90,33 +89,11 @@ class Launcher:
 
     def _frontend_cmd(self) -> list[str]:
         a = self.args
-        workers = a.workers or len(os.sched_getaffinity(0))
-        return [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "frontend.app:create_app",
-            "--factory",
-            "--host",
-            a.host,
-            "--port",
-            str(a.port),
-            "--workers",
-            str(workers),
-            "--timeout-graceful-shutdown",
-            str(int(a.drain_timeout)),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            # WebSocket frames may be as large as a request body (RINGSERVE_MAX_BODY_BYTES).
-            "--ws-max-size",
-            str(int(os.environ.get("RINGSERVE_MAX_BODY_BYTES", 20 * 1024 * 1024)) + 4096),
-        ]
+        return uvicorn_argv(FrontendArgs(a.host, a.port, a.workers, a.drain_timeout, self.run_dir))
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, RINGSERVE_RUN_DIR=str(self.run_dir))
+        env = dict(os.environ, **frontend_env(self.run_dir))
         env["RINGSERVE_MODEL_REPO"] = str(self.args.repo.resolve())  # workers: data/ lies beside it
-        env[METRICS_ENV] = str(metrics_dir(self.run_dir))
         env["RINGSERVE_HOST"] = self.args.host  # the workers' gRPC server binds the HTTP host
         return subprocess.Popen(cmd, env=env, start_new_session=True)
 
@@ -146,7 +123,7 @@ class Launcher:
 
     def _check_shm(self, slot_bytes: int) -> None:
         """Every worker's ring must fit in /dev/shm, or the box would be up but unable to serve."""
-        workers = self.args.workers or len(os.sched_getaffinity(0))
+        workers = worker_count(self.args.workers)
         slots = int(os.environ.get("RINGSERVE_RING_SLOTS", "32"))
         needed, free = workers * ring_bytes(slots, slot_bytes), shm_free_bytes()
         if needed > free:
@@ -155,7 +132,10 @@ class Launcher:
         logger.info("rings: {} x {:.1f} MB of {:.1f} MB free in /dev/shm", workers, needed / workers / mb, free / mb)
 
     def _supervise(self) -> int:
-        backoff, started = 0.5, time.monotonic()
+        a = self.args
+        first = min(0.5, a.restart_backoff_max)
+        backoff, started = first, time.monotonic()
+        deaths: list[float] = []  # engine exits within the last restart window
         while not self.stopping.wait(0.1):
             assert self.engine is not None and self.frontend is not None
             if self.frontend.poll() is not None:
@@ -163,15 +143,28 @@ class Launcher:
                 return 1
             if self.engine.poll() is None:
                 continue
+            now = time.monotonic()
+            deaths = [t for t in deaths if now - t < a.restart_window] + [now]
+            if len(deaths) > a.max_restarts:
+                logger.error(
+                    "engine exited with {}: {} exits within {:.0f}s (--max-restarts {} --restart-window {:.0f}); "
+                    "giving up",
+                    self.engine.returncode,
+                    len(deaths),
+                    a.restart_window,
+                    a.max_restarts,
+                    a.restart_window,
+                )
+                return 3
             self.restarts += 1
-            if time.monotonic() - started > STABLE_S:
-                backoff = 0.5
+            if now - started > STABLE_S:
+                backoff = first
             logger.error(
                 "engine exited with {}; restart #{} in {:.1f}s", self.engine.returncode, self.restarts, backoff
             )
             if self.stopping.wait(backoff):
                 break
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            backoff = min(backoff * 2, a.restart_backoff_max)
             started = time.monotonic()
             self.engine = self._spawn(self._engine_cmd())
         return 0

@@ -211,8 +211,8 @@ def test_supervisord_conf_programs() -> None:
     conf = supervisord_conf()
     engine, frontend = conf["program:engine"], conf["program:frontend"]
     assert engine["command"] == "python -m engine engine"
-    assert "uvicorn frontend.app:create_app --factory" in frontend["command"]
-    assert "--workers" in frontend["command"]
+    # the uvicorn command line is built by ringserve itself (engine/frontend_cmd.py), as for serve
+    assert frontend["command"] == """sh -c 'exec python -m engine frontend --host "${RINGSERVE_HOST:-0.0.0.0}"'"""
     # stop order: the HTTP workers drain first, while the engine still answers them
     assert int(frontend["priority"]) > int(engine["priority"])
     drain = float(cli_env_defaults()["DRAIN_TIMEOUT_S"])
@@ -227,14 +227,21 @@ def test_supervisord_conf_programs() -> None:
     assert conf["supervisorctl"]["serverurl"] == "unix://%(ENV_RINGSERVE_RUN_DIR)s/supervisor.sock"
 
 
-def test_supervisord_defaults_are_those_of_ringserve_serve() -> None:
-    """``${RINGSERVE_X:-default}`` in the frontend's command line = the ``ringserve serve`` default,
-    except the listen address: inside a container it must be reachable from outside."""
-    command = supervisord_conf()["program:frontend"]["command"]
-    defaults = dict(re.findall(r"\$\{RINGSERVE_([A-Z0-9_]+):-([^}]*)\}", command))
-    cli = cli_env_defaults()
-    assert defaults.pop("HOST") == "0.0.0.0"
-    assert defaults and all(cli[name] == value for name, value in defaults.items()), (defaults, cli)
+def test_serve_and_supervisord_build_one_uvicorn_command_line(tmp_path: Path) -> None:
+    """``ringserve frontend`` (supervisord) and ``ringserve serve`` share the argument parser and the
+    builder, so the uvicorn flags (--ws-max-size among them) cannot drift apart again."""
+    from engine.cli import parser
+    from engine.frontend_cmd import FrontendArgs, uvicorn_argv
+    from engine.launcher import Launcher
+
+    common = ["--port", "8123", "--workers", "3", "--drain-timeout", "7", "--run-dir", str(tmp_path)]
+    serve = parser().parse_args(["serve", *common])
+    front = parser().parse_args(["frontend", *common])
+    built = uvicorn_argv(FrontendArgs(front.host, front.port, front.workers, front.drain_timeout, front.run_dir))
+    assert Launcher(serve)._frontend_cmd() == built
+    assert built[built.index("--ws-max-size") + 1] == str(20 * 1024 * 1024 + 4096)
+    assert built[built.index("--workers") + 1] == "3"
+    assert built[built.index("--timeout-graceful-shutdown") + 1] == "7"
 
 
 def test_supervisord_accepts_the_conf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
