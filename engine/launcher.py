@@ -25,7 +25,15 @@ from engine.frontend_cmd import FrontendArgs, frontend_env, uvicorn_argv, worker
 from ipc import messages as m
 from ipc.metrics_dir import metrics_dir, wipe
 from ipc.ring import ShmTooSmall, remove_orphans, ring_bytes, shm_free_bytes
-from ipc.sockets import STARTS_FILE, engine_address, make_socket, prepare_run_dir, socket_path
+from ipc.sockets import (
+    STARTS_FILE,
+    RunDirBusy,
+    engine_address,
+    lock_run_dir,
+    make_socket,
+    prepare_run_dir,
+    socket_path,
+)
 
 STABLE_S = 30.0
 READY_TIMEOUT_S = 300.0
@@ -101,6 +109,11 @@ class Launcher:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         prepare_run_dir(self.run_dir)
+        try:
+            self._run_dir_lock = lock_run_dir(self.run_dir, "appliance.lock")
+        except RunDirBusy as exc:  # before touching anything of the appliance that holds it
+            logger.error("{}", exc)
+            return 1
         wipe(metrics_dir(self.run_dir))  # one scrape = this run of the whole box
         (self.run_dir / STARTS_FILE).unlink(missing_ok=True)  # restarts count from this run
         for name in remove_orphans():

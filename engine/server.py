@@ -27,7 +27,15 @@ from engine.session import ProviderUnavailable, choose_providers, quiet_ort
 from ipc import messages as m
 from ipc.errors import BadInput, DeadlineExceeded, EngineUnavailable, ModelNotFound, RingserveError
 from ipc.ring import MappedRing, pid_alive, remove_orphans
-from ipc.sockets import STARTS_FILE, engine_address, make_socket, prepare_run_dir, socket_path
+from ipc.sockets import (
+    STARTS_FILE,
+    RunDirBusy,
+    engine_address,
+    lock_run_dir,
+    make_socket,
+    prepare_run_dir,
+    socket_path,
+)
 
 _REPLIES = "inproc://replies"
 EXIT_THREAD_DIED = 70  # EX_SOFTWARE: a supervisor restarts the engine
@@ -103,6 +111,7 @@ class Engine:
         from ipc.metrics_dir import compact, ensure_env
 
         prepare_run_dir(self.settings.run_dir)
+        self._run_dir_lock = lock_run_dir(self.settings.run_dir, "engine.lock")  # one engine per run dir
         try:
             compact(ensure_env(self.settings.run_dir))
         except (OSError, ValueError) as exc:
@@ -328,7 +337,7 @@ def run(settings: EngineSettings) -> None:
     signal.signal(signal.SIGINT, engine.request_stop)
     try:
         engine.serve()
-    except ProviderUnavailable as exc:
+    except (ProviderUnavailable, RunDirBusy) as exc:
         logger.error("{}", exc)
         raise SystemExit(2) from None
     if engine.exit_code:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import stat
 import tempfile
@@ -34,6 +36,34 @@ def prepare_run_dir(run_dir: Path) -> Path:
         )
     os.chmod(run_dir, 0o700)
     return run_dir
+
+
+class RunDirBusy(RuntimeError):
+    """Another appliance (or engine) holds this run directory."""
+
+
+def lock_run_dir(run_dir: Path, name: str) -> int:
+    """Hold ``<run_dir>/<name>`` (flock) for the life of this process; returns the fd to keep open.
+
+    A second holder is refused with the first one's pid, before it touches anything in the directory
+    (the first one's metrics, its engine socket).
+    """
+    path = run_dir / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise RunDirBusy(
+            f"run directory {run_dir} is in use by pid {holder} ({name}); stop that one or use another "
+            "--run-dir / RINGSERVE_RUN_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def engine_address(run_dir: Path) -> str:
