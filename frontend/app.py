@@ -76,7 +76,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    app.add_middleware(RequestContext, api_key=settings.api_key, observe=observe)
+    app.add_middleware(
+        RequestContext,
+        api_key=settings.api_key,
+        observe=observe,
+        allowed_origins=settings.cors_origins,
+        allowed_hosts=settings.allowed_hosts,
+    )
     errors.install(app)
     app.include_router(predict.router)
     app.include_router(batch.router)

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8001, ge=0, le=65535)
     host: str = "127.0.0.1"  # the HTTP bind host (`ringserve serve --host` exports it); gRPC binds it too
     cors_origins: list[str] = []
+    allowed_hosts: list[str] = []  # Host headers accepted (DNS rebinding); empty: any. JSON list in the env
     log_json: bool = False
     log_level: str = "INFO"
     # DeepStack API (frontend/routes/deepstack.py): the classifier behind /v1/vision/scene; "" = the first served
