@@ -17,7 +17,7 @@ from frontend.client import EngineClient
 from frontend.grpc import convert
 from frontend.service import ImageService
 from frontend.v2 import classification, infer, inputs, models, outputs
-from frontend.v2.schemas import InferRequest, RequestOutput
+from frontend.v2.schemas import InferRequest
 from frontend.v2.state import V2State
 from ipc.messages import ModelInfo
 
@@ -52,10 +52,9 @@ async def _infer(
     if call.time_left is not None:
         opts = infer.Options(opts.confidence, opts.max_detections, max(min(opts.timeout, call.time_left), 1e-3))
     counts = classification.requested(req.outputs)
-    plain = _without_classification(req)
-    wanted, raw = outputs.check_requested(info, plain.outputs)
-    outputs.check_regions(plain.outputs, shm)
-    images = inputs.read(plain, binary, info, shm)
+    wanted, raw = outputs.check_requested(info, req.outputs)
+    outputs.check_regions(req.outputs, shm)
+    images = inputs.read(req, binary, info, shm)
     outcome = await infer.run(service, info, images, call.req_id, opts, raw=raw, accepted=call.accepted)
     building = time.perf_counter_ns()
     tensors = classification.apply(info, outputs.build(info, outcome, wanted), counts)
@@ -63,17 +62,6 @@ async def _infer(
     done = time.perf_counter_ns()
     state.stats.success(info.name, info.version, outcome.sample(done - started, done - building))
     return response
-
-
-def _without_classification(req: InferRequest) -> InferRequest:
-    """The request as the V2 output checks see it: ``classification`` is handled here."""
-    if not req.outputs:
-        return req
-    stripped = [
-        RequestOutput(name=o.name, parameters={k: v for k, v in o.parameters.items() if k != "classification"})
-        for o in req.outputs
-    ]
-    return req.model_copy(update={"outputs": stripped})
 
 
 def _response(

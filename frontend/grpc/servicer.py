@@ -76,10 +76,9 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     @rpc_method
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="ringserve", version=self.state.version, extensions=self._extensions())
-
-    def _extensions(self) -> list[str]:
-        return [*self.state.extensions(), "classification"]
+        return pb.ServerMetadataResponse(
+            name="ringserve", version=self.state.version, extensions=self.state.extensions()
+        )
 
     @rpc_method
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:

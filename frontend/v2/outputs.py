@@ -61,8 +61,6 @@ def check_requested(info: m.ModelInfo, requested: list[RequestOutput] | None) ->
     for o in requested:
         if o.name not in known and info.outputs:
             raise bad(f"unexpected inference output '{o.name}' for model '{info.name}'")
-        if "classification" in o.parameters:
-            raise bad("the classification extension is not supported; use the 'classes' output")
     if len(set(names)) != len(names):
         raise bad("an output is requested more than once")
     return set(names), any(name != extra_output(info) for name in names)

@@ -14,7 +14,7 @@ from frontend.body import read_limited
 from frontend.client import EngineClient
 from frontend.errors import request_id
 from frontend.settings import Settings
-from frontend.v2 import codec, infer, inputs, models, outputs, schemas, stats
+from frontend.v2 import classification, codec, infer, inputs, models, outputs, schemas, stats
 from frontend.v2.errors import V2Error, V2Route, bad
 from frontend.v2.settings import V2Settings
 from frontend.v2.state import V2State
@@ -103,13 +103,14 @@ class V2Api:
         accepted = time.monotonic()
         opts = infer.options(req.parameters, settings)
         binary_default = schemas.bool_param(req.parameters, "binary_data_output", False)
+        counts = classification.requested(req.outputs)
         wanted, raw = outputs.check_requested(info, req.outputs)
         outputs.check_regions(req.outputs, shm)
         images = inputs.read(req, binary, info, shm)
         service = request.app.state.service
         outcome = await infer.run(service, info, images, request_id(request), opts, raw=raw, accepted=accepted)
         building = time.perf_counter_ns()
-        tensors = outputs.build(info, outcome, wanted)
+        tensors = classification.apply(info, outputs.build(info, outcome, wanted), counts)
         head: dict[str, Any] = {"model_name": info.name, "model_version": str(info.version)}
         if req.id:
             head["id"] = req.id

@@ -38,7 +38,7 @@ class V2State:
         return ShmRegistry(self.group, self.v2.allow_client_shm)
 
     def extensions(self) -> list[str]:
-        names = ["binary_tensor_data", "statistics", "model_configuration", "parameters"]
+        names = ["binary_tensor_data", "classification", "statistics", "model_configuration", "parameters"]
         if self.v2.allow_client_shm:
             names.append("system_shared_memory")
         return names
