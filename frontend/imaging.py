@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ipc.errors import BadInput, PayloadTooLarge
 from ipc.messages import InputSpec
@@ -211,6 +211,8 @@ def _decode_pillow(data: bytes, kind: str, spec: InputSpec, max_pixels: int) -> 
             img = _reduced_rgb(opened, factor)
     except (PayloadTooLarge, BadInput):
         raise
+    except UnidentifiedImageError:  # its message names a BytesIO object of this process
+        raise BadInput(f"the data is not a readable {kind.upper()} image") from None
     except Exception as exc:
         raise BadInput(f"the image could not be decoded: {exc}") from None
     return _orient(img, orientation), width, height

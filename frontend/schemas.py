@@ -12,7 +12,7 @@ class _Frozen(BaseModel):
 
 
 class PredictJSON(Params):
-    image_b64: str = Field(..., min_length=1, description="the encoded image, base64")
+    image_b64: str = Field(..., description="the encoded image, base64 (empty: a 400 like any empty image)")
 
 
 class Detection(_Frozen):

@@ -17,7 +17,7 @@ class _Frozen(BaseModel):
 
 
 class BatchJSONItem(Params):
-    image_b64: str = Field(..., min_length=1, description="the encoded image, base64")
+    image_b64: str = Field(..., description="the encoded image, base64 (empty: a 400 like any empty image)")
 
 
 class BatchJSON(_Frozen):
@@ -63,7 +63,7 @@ class StreamFrameJSON(Params):
     """A text frame of ``/ws/stream``."""
 
     frame_id: int | str | None = Field(None, description="echoed in the reply; the frame counter when absent")
-    image_b64: str = Field(..., min_length=1)
+    image_b64: str = Field(..., description="the encoded image, base64")
 
 
 class StreamResult(_Answer):

@@ -128,6 +128,8 @@ class ImageService:
         info = self.model(req.model, req.version)
         deadline = self.deadline(req)
         prepared = await self._prepare(req, info, deadline)
+        if self._observe_decode is not None and req.pixels is None:
+            self._observe_decode(time.perf_counter() - started)  # every decoded image, answered or not
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("the deadline passed while the image was decoded")
@@ -152,11 +154,8 @@ class ImageService:
             max_detections=p.max_detections or 0,
             raw=req.raw,
         )
-        decode_s = filled[0] - started
-        if self._observe_decode is not None:
-            self._observe_decode(decode_s)
         timings = Timings(
-            decode_ms=round(decode_s * 1000, 3),
+            decode_ms=round((filled[0] - started) * 1000, 3),
             queue_ms=round(result.queue_ms, 3),
             inference_ms=round(result.inference_ms, 3),
             total_ms=round((time.perf_counter() - started) * 1000, 3),
