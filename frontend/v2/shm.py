@@ -6,16 +6,17 @@ maps a region lazily, the first time a request names it, and checks its mappings
 registry whenever it consults it: a region unregistered (or registered again under another key)
 through any worker is unmapped by this one at its next shared-memory request or status call.
 
-ringserve never creates or unlinks these segments; the client does. Every access is checked
-against the registered span and the segment's current size, so a bad offset or a segment the
-client shrank is an error for that request, never a SIGBUS for the worker.
+ringserve never creates or unlinks these segments; the client does. Nothing of them is mapped:
+reads and writes go through the segment's fd (pread/pwrite), checked against the registered span
+and the segment's current size, so a bad offset or a segment the client shrinks, even between the
+check and the copy, is an error for that request, never a SIGBUS for the worker. The number of
+regions and their registered bytes are capped (RINGSERVE_CLIENT_SHM_MAX_REGIONS / _MAX_BYTES).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import mmap
 import os
 import stat
 import uuid
@@ -48,14 +49,11 @@ class Region:
 
 
 class _Mapping:
+    """An open fd on a client's segment (the name stays for the registry's sync logic)."""
+
     def __init__(self, region: Region) -> None:
         self.region = region
         self.fd = _open_segment(region)
-        try:
-            self.mmap = mmap.mmap(self.fd, region.offset + region.byte_size)
-        except BaseException:
-            os.close(self.fd)
-            raise
 
     def check(self) -> None:
         """The segment still covers the region (a client may shrink it after registering)."""
@@ -63,11 +61,28 @@ class _Mapping:
         if size < self.region.offset + self.region.byte_size:
             raise bad(f"shared memory region '{self.region.name}' shrank to {size} bytes")
 
-    def close(self) -> bool:
+    def pread(self, start: int, size: int) -> memoryview:
+        buf = bytearray(size)
         try:
-            self.mmap.close()
-        except BufferError:  # a request still holds a view; retried at the next sync
-            return False
+            got = os.preadv(self.fd, [buf], start) if size else 0
+        except OSError as exc:
+            raise bad(f"shared memory region '{self.region.name}' cannot be read: {exc.strerror}") from None
+        if got != size:  # shrunk after the check: a short read, not a fault
+            raise bad(f"shared memory region '{self.region.name}' shrank while it was read")
+        return memoryview(buf)
+
+    def pwrite(self, start: int, data: bytes) -> None:
+        if os.fstat(self.fd).st_size < start + len(data):
+            raise bad(f"shared memory region '{self.region.name}' shrank before the output was written")
+        # pwrite past the end of a shrunk file extends it rather than faulting: no SIGBUS either way
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.pwrite(self.fd, view, start + len(data) - len(view)) :]
+        except OSError as exc:
+            raise bad(f"shared memory region '{self.region.name}' cannot be written: {exc.strerror}") from None
+
+    def close(self) -> bool:
         os.close(self.fd)
         return True
 
@@ -99,8 +114,10 @@ def _open_segment(region: Region) -> int:
 
 
 class ShmRegistry:
-    def __init__(self, directory: Path, enabled: bool) -> None:
+    def __init__(self, directory: Path, enabled: bool, max_regions: int = 64, max_bytes: int = 1 << 30) -> None:
         self.enabled = enabled
+        self.max_regions = max_regions
+        self.max_bytes = max_bytes
         self.path = directory / "shm.json"
         self._lock_path = directory / "shm.lock"
         self._mapped: dict[str, _Mapping] = {}
@@ -160,6 +177,14 @@ class ShmRegistry:
         with self._locked() as regions:
             if name in regions:
                 raise bad(f"shared memory region '{name}' already in manager")
+            if len(regions) >= self.max_regions:
+                raise bad(f"too many shared memory regions: {len(regions)} registered, the limit is {self.max_regions}")
+            total = sum(r.byte_size for r in regions.values()) + byte_size
+            if total > self.max_bytes:
+                raise bad(
+                    f"shared memory regions would total {total} bytes, the limit is {self.max_bytes} "
+                    "(RINGSERVE_CLIENT_SHM_MAX_BYTES)"
+                )
             mapping = _Mapping(region)  # proves the segment exists and is large enough
             regions[name] = region
             try:
@@ -204,10 +229,9 @@ class ShmRegistry:
         self._mapping(name, offset, size, what)
 
     def read(self, name: str, offset: int, size: int, what: str) -> memoryview:
-        """A view of the region's bytes (valid until the region is unregistered)."""
+        """A copy of the region's bytes, read with pread."""
         mapping = self._mapping(name, offset, size, what)
-        start = mapping.region.offset + offset
-        return memoryview(mapping.mmap)[start : start + size]
+        return mapping.pread(mapping.region.offset + offset, size)
 
     def write(self, name: str, offset: int, capacity: int, data: bytes, what: str) -> None:
         if len(data) > capacity:
@@ -216,5 +240,4 @@ class ShmRegistry:
                 f"should be at least {len(data)} bytes to hold the results"
             )
         mapping = self._mapping(name, offset, len(data), what)
-        start = mapping.region.offset + offset
-        mapping.mmap[start : start + len(data)] = data
+        mapping.pwrite(mapping.region.offset + offset, data)

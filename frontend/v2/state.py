@@ -35,7 +35,8 @@ class V2State:
 
     @cached_property
     def shm(self) -> ShmRegistry:
-        return ShmRegistry(self.group, self.v2.allow_client_shm)
+        v2 = self.v2
+        return ShmRegistry(self.group, v2.allow_client_shm, v2.client_shm_max_regions, v2.client_shm_max_bytes)
 
     def extensions(self) -> list[str]:
         names = ["binary_tensor_data", "classification", "statistics", "model_configuration", "parameters"]
