@@ -143,7 +143,8 @@ class PredictionLog:
         if len(self.queue) >= BATCH:
             self._wake.set()
 
-    async def flush(self) -> None:
+    async def flush(self) -> int:
+        total = 0
         while self.queue:
             batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
             try:
@@ -151,8 +152,10 @@ class PredictionLog:
             except StoreError as exc:
                 self.count("dropped_error", len(batch))
                 self.db.warn(f"prediction log: {len(batch)} entries dropped", exc)
-                return
+                return total
             self.count("written", written)
+            total += written
+        return total
 
     async def run(self) -> None:
         last_sweep = 0.0
@@ -160,8 +163,8 @@ class PredictionLog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY_S)
             self._wake.clear()
-            await self.flush()
-            if time.monotonic() - last_sweep > SWEEP_EVERY_S:
+            wrote = await self.flush()
+            if wrote or time.monotonic() - last_sweep > SWEEP_EVERY_S:  # both bounds hold after every batch
                 last_sweep = time.monotonic()
                 try:
                     await self.db.call(_retain, self.max_age_s, self.max_rows, timeout=30)
