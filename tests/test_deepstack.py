@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.harness import ROOT, Appliance
+from ipc.ring import pid_alive
+from tests.harness import ROOT, Appliance, segments
 from tests.models import expected_box, write_pixel_detector
 from tests.photos import photo
 
@@ -52,18 +53,27 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     write_pixel_detector(repo)
     for name in (MODEL, SCENE):
         (repo / name).symlink_to(_pulled(name), target_is_directory=True)
+    before = segments()
     with Appliance(repo, workers=1, default_model=MODEL) as appliance:
         yield appliance
         assert "Traceback" not in appliance.log(), appliance.log()[-4000:]
+    _no_orphans(before)
 
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     repo = tmp_path_factory.mktemp("deepstack-key") / "repo"
     write_pixel_detector(repo)
+    before = segments()
     with Appliance(repo, workers=1, env={"RINGSERVE_API_KEY": KEY}) as appliance:
         yield appliance
         assert "Traceback" not in appliance.log(), appliance.log()[-4000:]
+    _no_orphans(before)
+
+
+def _no_orphans(before: set[str]) -> None:
+    left = sorted(s for s in segments() - before if not pid_alive(int(s.split("-")[2])))
+    assert not left, f"segments left in /dev/shm: {left}"
 
 
 def _size(data: bytes) -> tuple[int, int]:
