@@ -58,9 +58,10 @@ def test_repeats_are_answered_from_the_cache_on_every_worker(pixel_repo: Path, n
         db = data_dir(pixel_repo) / "cache.db"
 
         def bounded() -> bool:
-            return query(db, "SELECT COUNT(*) FROM entry")[0][0] == 3 and metric(
-                httpx.get(f"{app.url}/metrics").text, "ringserve_cache_total", outcome="eviction"
-            ) >= 2
+            return (
+                query(db, "SELECT COUNT(*) FROM entry")[0][0] == 3
+                and metric(httpx.get(f"{app.url}/metrics").text, "ringserve_cache_total", outcome="eviction") >= 2
+            )
 
         wait_for(bounded, 10, "evictions down to 3 entries")
         assert _post(app.url, image)["cached"] is True
@@ -100,7 +101,7 @@ def test_a_broken_cache_database_is_a_miss(tmp_path: Path) -> None:
 def test_forget_versions(tmp_path: Path, served: set[tuple[str, int]]) -> None:
     db = Database(tmp_path / "cache.db", cache.MIGRATIONS, name="cache")
     try:
-        puts = [(bytes([i]) * 20, m, v, b"{}") for i, (m, v) in enumerate([("a", 1), ("a", 2), ("b", 1)])]
+        puts = [(bytes([i]) * 20, m, v, b"{}", time.time()) for i, (m, v) in enumerate([("a", 1), ("a", 2), ("b", 1)])]
         assert db.call_sync(cache._write, puts, [], 10, 10_000) == 0
         db.call_sync(cache._forget_versions, served)
         left = db.call_sync(lambda c: sorted(c.execute("SELECT model, version FROM entry").fetchall()))

@@ -2,12 +2,13 @@
 answered without decoding or inference, on any worker.
 
 :class:`CachingService` wraps the per-image service (same ``predict``/``predict_batch``) and is
-put on ``app.state.service`` in its place. The key is a BLAKE2b digest of the encoded bytes, the
+put on ``app.state.service`` in its place. The key is a SHA-256 digest of the encoded bytes, the
 resolved model name and version, and the parameters that change the answer (confidence
-threshold, max detections; not the timeout). A hit costs one indexed read on a database thread;
-its answer says ``"cached": true``, with zero decode/queue/inference timings. The write side
-never runs on the request: misses to store and hits to mark as recently used go into a bounded
-queue that a background task writes in batches, evicting the least recently used entries past
+threshold, max detections; not the timeout). A hit costs one indexed read on the event loop (a
+WAL reader that never waits: busy timeout 0, so a locked file is a miss at once); its answer
+says ``"cached": true``, with zero decode/queue/inference timings. The write side never runs
+on the request: misses to store and hits to mark as recently used go into a bounded queue that
+a background task writes in batches, evicting the least recently used entries past
 ``RINGSERVE_CACHE_ENTRIES`` entries or the byte bound. Entries of a model version that is no
 longer served are deleted. Requests with raw pixels or raw output tensors (V2) are not cached.
 A cache database that fails only turns lookups into misses (a counter and a warning).
@@ -41,7 +42,6 @@ MIGRATIONS = [
         "CREATE INDEX entry_model ON entry (model, version)",
     ]
 ]
-LOOKUP_TIMEOUT_S = 0.05
 FLUSH_EVERY_S = 0.2
 QUEUE_LIMIT = 4096
 
@@ -62,7 +62,7 @@ class CachedResult(ImageResult):
 def cache_key(req: ImageRequest, model: str, version: int) -> bytes | None:
     if req.pixels is not None or req.raw or not req.image:
         return None
-    h = hashlib.blake2b(req.image, digest_size=20)
+    h = hashlib.sha256(req.image)  # SHA-NI: about twice as fast as blake2b on these CPUs
     p = req.params
     conf = -1.0 if p.confidence_threshold is None else p.confidence_threshold
     h.update(struct.pack("<dq", conf, p.max_detections or 0))
@@ -107,20 +107,19 @@ def _lookup(conn: sqlite3.Connection, key: bytes) -> bytes | None:
 
 def _write(
     conn: sqlite3.Connection,
-    puts: list[tuple[bytes, str, int, bytes]],
-    touches: list[bytes],
+    puts: list[tuple[bytes, str, int, bytes, float]],
+    touches: list[tuple[bytes, float]],
     max_entries: int,
     max_bytes: int,
 ) -> int:
     """Store new answers, mark hits as recently used, evict past the bounds; returns evictions."""
-    now = time.time()
     conn.execute("BEGIN IMMEDIATE")
-    try:
+    try:  # "used" is when the request was answered, so the order holds across workers' batches
         conn.executemany(
             "INSERT OR REPLACE INTO entry (key, model, version, answer, bytes, used) VALUES (?, ?, ?, ?, ?, ?)",
-            [(k, m, v, a, len(a) + len(k), now) for k, m, v, a in puts],
+            [(k, m, v, a, len(a) + len(k), at) for k, m, v, a, at in puts],
         )
-        conn.executemany("UPDATE entry SET used = ? WHERE key = ?", [(now, k) for k in touches])
+        conn.executemany("UPDATE entry SET used = MAX(used, ?) WHERE key = ?", [(at, k) for k, at in touches])
         evicted = 0
         count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM entry").fetchone()
         while count > max_entries or size > max_bytes:
@@ -160,26 +159,26 @@ class ResultCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.count = count
-        self._puts: list[tuple[bytes, str, int, bytes]] = []
-        self._touches: list[bytes] = []
+        self._puts: list[tuple[bytes, str, int, bytes, float]] = []
+        self._touches: list[tuple[bytes, float]] = []
         self._wake = asyncio.Event()
 
     async def get(self, key: bytes) -> bytes | None:
         try:
-            blob = await self.db.call(_lookup, key, timeout=LOOKUP_TIMEOUT_S)
+            blob = self.db.read_now(_lookup, key)
         except StoreError as exc:
             self.count("error", 1)
             self.db.warn("cache lookup failed; answering as a miss", exc)
             return None
         self.count("miss" if blob is None else "hit", 1)
         if blob is not None and len(self._touches) < QUEUE_LIMIT:
-            self._touches.append(key)
+            self._touches.append((key, time.time()))
         return blob
 
     def put(self, key: bytes, result: ImageResult) -> None:
         if len(self._puts) >= QUEUE_LIMIT:
             return  # the writer is behind; a cache may forget
-        self._puts.append((key, result.model, result.version, encode(result)))
+        self._puts.append((key, result.model, result.version, encode(result), time.time()))
         if len(self._puts) >= 256:
             self._wake.set()
 
@@ -209,6 +208,10 @@ class ResultCache:
     async def run(self, served: Callable[[], set[tuple[str, int]] | None]) -> None:
         """The background writer: flush every FLUSH_EVERY_S (or sooner when much is queued)."""
         last_sweep = 0.0
+        try:
+            await self.db.call(_lookup, b"", timeout=10)  # create and migrate the file before reads
+        except StoreError as exc:
+            self.db.warn("cache database unavailable; every lookup is a miss", exc)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY_S)

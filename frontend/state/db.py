@@ -57,6 +57,8 @@ class Database:
         self._failed_open = 0.0
         self._warned = 0.0
         self._closed = False
+        self._inline: sqlite3.Connection | None = None
+        self._inline_failed = 0.0
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
 
@@ -120,6 +122,35 @@ class Database:
         except TimeoutError:
             raise StoreError(f"{self.name}: no answer within {timeout * 1000:.0f} ms") from None
 
+    def read_now(self, fn: Callable[..., T], *args: object) -> T:
+        """A short read on the calling thread (the event loop): bounded because its connection never
+        waits for a lock (busy timeout 0, a WAL reader blocks no one and is blocked by no writer);
+        :class:`StoreError` at once where it would have to wait. For point lookups on the request
+        path, where a hop to a DB thread would cost more than the read."""
+        conn = self._inline
+        if conn is None:
+            # Opened by the DB threads first (they create and migrate the file); this one only reads.
+            if self._closed or time.monotonic() - self._inline_failed < 1.0:
+                raise StoreError(f"{self.name}: not open for reads")
+            try:
+                uri = f"file:{self.path}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout = 0")
+                conn.execute("PRAGMA query_only = ON")
+            except (sqlite3.Error, OSError) as exc:
+                self._inline_failed = time.monotonic()
+                raise StoreError(f"{self.name}: cannot open {self.path}: {exc}") from exc
+            self._inline = conn
+        try:
+            return fn(conn, *args)
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self.name}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            self._inline = None
+            conn.close()
+            self._inline_failed = time.monotonic()
+            raise StoreError(f"{self.name}: {exc}") from exc
+
     def call_sync(self, fn: Callable[..., T], *args: object) -> T:
         """The same, from a thread that is not the event loop (tests, scripts)."""
         return self._pool.submit(self._run, fn, args).result()
@@ -134,6 +165,9 @@ class Database:
     def close(self) -> None:
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
         with self._lock:
             for conn in self._all:
                 conn.close()
