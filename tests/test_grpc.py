@@ -390,6 +390,23 @@ def test_errors_have_tritons_codes(app: Appliance, client: tg.InferenceServerCli
     assert client.is_server_ready()
 
 
+def test_calls_are_in_the_metrics(app: Appliance, client: tg.InferenceServerClient) -> None:
+    def count(method: str, code: str) -> float:
+        text = httpx.get(f"{app.url}/metrics", timeout=10).text
+        line = f'ringserve_grpc_requests_total{{code="{code}",method="/inference.GRPCInferenceService/{method}"}}'
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+    ok, bad = count("ModelInfer", "OK"), count("ModelInfer", "INVALID_ARGUMENT")
+    client.infer("pixels", [uint8_input(pixels(colour(3)))])
+    with pytest.raises(InferenceServerException):
+        client.infer("nope", [uint8_input(pixels(colour(3)))])
+    assert (count("ModelInfer", "OK"), count("ModelInfer", "INVALID_ARGUMENT")) == (ok + 1, bad + 1)
+    metrics = httpx.get(f"{app.url}/metrics", timeout=10).text
+    assert 'ringserve_grpc_request_duration_seconds_count{method="/inference.GRPCInferenceService/ModelInfer"}' in (
+        metrics
+    )
+
+
 def test_status_codes_follow_the_v2_http_status() -> None:
     assert CODE[400] == grpc.StatusCode.INVALID_ARGUMENT and CODE[503] == grpc.StatusCode.UNAVAILABLE
     assert CODE[501] == grpc.StatusCode.UNIMPLEMENTED and CODE[404] == grpc.StatusCode.NOT_FOUND

@@ -19,6 +19,7 @@ from tritonclient.grpc import service_pb2_grpc as rpc
 
 from frontend.client import EngineClient
 from frontend.grpc.health import Health
+from frontend.grpc.observe import Observe, prometheus_recorder
 from frontend.grpc.servicer import InferenceService
 from frontend.service import ImageService
 from frontend.settings import Settings
@@ -89,7 +90,7 @@ async def serve(settings: Settings, client: EngineClient, service: ImageService)
         return GrpcServer(None, "")
     limit = settings.max_body_bytes + FRAMING_BYTES
     server = grpc.aio.server(
-        interceptors=[ApiKey(settings.api_key)] if settings.api_key else [],
+        interceptors=[Observe(prometheus_recorder()), *([ApiKey(settings.api_key)] if settings.api_key else [])],
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", limit),
