@@ -41,7 +41,7 @@ def build_chroot() -> str | None:
         return None
     if os.geteuid() != 0:
         return "building the Debian 13 chroot for perf_analyzer needs root (debootstrap, chroot)"
-    if shutil.which("debootstrap") is None:
+    if shutil.which("debootstrap", path=CLEAN_ENV["PATH"]) is None:
         return "debootstrap is not installed (apt-get install debootstrap)"
     partial = CHROOT.with_name(CHROOT.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
