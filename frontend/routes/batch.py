@@ -21,8 +21,9 @@ from frontend import predict
 from frontend.body import read_limited
 from frontend.errors import request_id
 from frontend.jsonresp import JSONResponse
-from frontend.openapi import ERRORS, image_body
+from frontend.openapi import image_body
 from frontend.params import Params, b64decode, invalid, merge, parse_params
+from frontend.routes.model_routes import add_model_routes
 from frontend.schemas import ModelRef
 from frontend.schemas_batch import (
     MAX_BATCH_IMAGES,
@@ -35,7 +36,7 @@ from frontend.schemas_batch import (
 )
 from frontend.service import ImageRequest, ImageResult, ImageService
 from frontend.settings import Settings
-from ipc.errors import InvalidParameter, ModelNotFound, PayloadTooLarge, RingserveError, UnsupportedMedia
+from ipc.errors import InvalidParameter, PayloadTooLarge, RingserveError, UnsupportedMedia
 
 router = APIRouter(tags=["predict"])
 
@@ -128,31 +129,11 @@ def _count_errors(state: Any, results: list[BatchItemResult | BatchItemError]) -
             count_error(r.error)
 
 
-@router.post("/api/v1/predict/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=_BATCH_BODY)
-async def predict_batch_default(request: Request) -> Response:
-    """Up to 32 images with the default model, results (or per-image errors) in request order."""
-    return await _predict_batch(request, request.app.state.settings.default_model, None)
-
-
-@router.post(
-    "/api/v1/models/{name}/predict/batch",
+add_model_routes(
+    router,
+    "predict/batch",
+    _predict_batch,
     response_model=BatchResponse,
-    responses=ERRORS,
     openapi_extra=_BATCH_BODY,
+    what="Up to 32 images, results (or per-image errors) in request order,",
 )
-async def predict_batch_model(request: Request, name: str) -> Response:
-    """Up to 32 images with the latest version of a named model."""
-    return await _predict_batch(request, name, None)
-
-
-@router.post(
-    "/api/v1/models/{name}/versions/{version}/predict/batch",
-    response_model=BatchResponse,
-    responses=ERRORS,
-    openapi_extra=_BATCH_BODY,
-)
-async def predict_batch_version(request: Request, name: str, version: int) -> Response:
-    """Up to 32 images with one version of a named model."""
-    if version < 1:
-        raise ModelNotFound(f"model {name!r} has no version {version}")
-    return await _predict_batch(request, name, version)

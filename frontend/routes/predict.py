@@ -10,10 +10,10 @@ from starlette.responses import Response
 from frontend import predict
 from frontend.errors import request_id
 from frontend.jsonresp import JSONResponse
-from frontend.openapi import ERRORS, image_body
+from frontend.openapi import image_body
+from frontend.routes.model_routes import add_model_routes
 from frontend.schemas import PredictJSON, PredictResponse
 from frontend.service import ImageRequest, ImageService
-from ipc.errors import ModelNotFound
 
 router = APIRouter(tags=["predict"])
 
@@ -29,28 +29,11 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
     return JSONResponse(result.response().model_dump(mode="json", exclude_none=True))
 
 
-@router.post("/api/v1/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=_IMAGE_BODY)
-async def predict_default(request: Request) -> Response:
-    """Detect (or classify) with the default model."""
-    return await _predict(request, request.app.state.settings.default_model, None)
-
-
-@router.post(
-    "/api/v1/models/{name}/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=_IMAGE_BODY
-)
-async def predict_model(request: Request, name: str) -> Response:
-    """Predict with the latest version of a named model."""
-    return await _predict(request, name, None)
-
-
-@router.post(
-    "/api/v1/models/{name}/versions/{version}/predict",
+add_model_routes(
+    router,
+    "predict",
+    _predict,
     response_model=PredictResponse,
-    responses=ERRORS,
     openapi_extra=_IMAGE_BODY,
+    what="Detect (or classify) one image",
 )
-async def predict_version(request: Request, name: str, version: int) -> Response:
-    """Predict with one version of a named model."""
-    if version < 1:
-        raise ModelNotFound(f"model {name!r} has no version {version}")
-    return await _predict(request, name, version)
