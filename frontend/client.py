@@ -59,7 +59,10 @@ class EngineClient:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.identity = f"w{os.getpid()}-{uuid.uuid4().hex[:6]}".encode()
         self.ctx = zmq.asyncio.Context()
-        self.sock = make_socket(self.ctx, self.address, zmq.DEALER, bind=False, identity=self.identity)
+        self.sock = make_socket(self.ctx, self.address, zmq.DEALER, bind=False, identity=self.identity, connect=False)
+        # The monitor before the connect: a handshake it did not see would leave us never ready.
+        self._monitor_sock = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.sock.connect(self.address)
         self.ring: Ring | None = None
         self.ready: m.Ready | None = None
         self.instance = ""
@@ -69,7 +72,6 @@ class EngineClient:
         self.engine_losses = 0
         self.connected = False
         self.fault = ""  # why this worker cannot serve although the engine is there (say /dev/shm full)
-        self._monitor_sock: zmq.asyncio.Socket | None = None
         self._last_seen = 0.0
         self._last_hello = 0.0
         self._tasks = Supervised()
@@ -81,7 +83,6 @@ class EngineClient:
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        self._monitor_sock = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._tasks.start(self._receive, "engine-receive")
         self._tasks.start(self._watch, "engine-watch")
         self._tasks.start(self._monitor, "engine-monitor")
@@ -91,10 +92,9 @@ class EngineClient:
             await self.sock.send(m.encode(m.Bye(os.getpid())), zmq.NOBLOCK)
         await self._tasks.close()
         self._fail_all("the worker is stopping")
-        if self._monitor_sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self.sock.disable_monitor()
-            self._monitor_sock.close(linger=0)
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        self._monitor_sock.close(linger=0)
         self.sock.close(linger=0)
         self.ctx.term()
         if self.ring is not None:
@@ -202,7 +202,6 @@ class EngineClient:
             self._on_ready(msg)
 
     async def _monitor(self) -> None:
-        assert self._monitor_sock is not None
         while True:
             event = parse_monitor_message(await self._monitor_sock.recv_multipart())
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:

@@ -84,6 +84,7 @@ def make_socket(
     hwm: int = DEFAULT_HWM,
     linger_ms: int = 0,
     immediate: bool = True,
+    connect: bool = True,  # False: the caller connects (say after attaching a monitor)
 ) -> zmq.Socket:  # type: ignore[type-arg]
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger_ms)
@@ -106,6 +107,6 @@ def make_socket(
         sock.bind(address)
         if path is not None:
             os.chmod(path, 0o600)
-    else:
+    elif connect:
         sock.connect(address)
     return sock
