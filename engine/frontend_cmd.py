@@ -66,5 +66,6 @@ def exec_frontend(a: FrontendArgs) -> None:
 
     prepare_run_dir(a.run_dir)
     os.environ.update(frontend_env(a.run_dir))
+    os.environ["RINGSERVE_HOST"] = a.host  # the workers' gRPC server binds the HTTP host (as serve's)
     argv = uvicorn_argv(a)
     os.execv(argv[0], argv)
