@@ -47,7 +47,7 @@ def _not_ready_reason(client: EngineClient) -> str:
 async def health(request: Request) -> Response:
     client: EngineClient = request.app.state.client
     r = client.ready
-    if not client.is_ready or not client.models:
+    if r is None or not client.is_ready or not client.models:
         status = "unhealthy"
     elif r.failed or r.restarts:
         status = "degraded"
