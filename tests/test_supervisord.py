@@ -46,6 +46,7 @@ class Supervisord:
             "RINGSERVE_DEFAULT_MODEL": "pixels",
             "RINGSERVE_HOST": "127.0.0.1",
             "RINGSERVE_PORT": str(self.port),
+            "RINGSERVE_GRPC_PORT": str(free_port()),  # never the shared default 8001 (SO_REUSEPORT)
             "RINGSERVE_WORKERS": "2",
             "RINGSERVE_PROVIDERS": "cpu",
             "RINGSERVE_ORT_THREADS": "1",
