@@ -138,6 +138,12 @@ def test_health_metadata_and_config_match_v2_http(app: Appliance, client: tg.Inf
             config = client.get_model_config(model, "1").config
             assert config == json_format.ParseDict(http.get_model_config(model), mc.ModelConfig())
             assert config.max_batch_size == (8 if model == "pixels" else 4)
+        client.infer("pixels", [uint8_input(pixels(colour(1)))])  # statistics are box-wide, one set for both
+        grpc_stats = client.get_inference_statistics("pixels")
+        assert grpc_stats == json_format.ParseDict(
+            http.get_inference_statistics("pixels"), pb.ModelStatisticsResponse()
+        )
+        assert grpc_stats.model_stats[0].inference_stats.success.count >= 1
         index = client.get_model_repository_index(as_json=True)["models"]
         assert index == [{"name": n, "version": "1", "state": "READY"} for n in ("pixels", "tinyclass")]
     finally:
