@@ -336,3 +336,36 @@ def _write_docs_screenshot(shot: Path) -> None:
     tmp = DOCS_SCREENSHOT.with_suffix(".tmp")
     tmp.write_bytes(buf.getvalue())
     shutil.move(tmp, DOCS_SCREENSHOT)
+
+
+def test_a_folder_runs_as_one_job_and_the_log_shows_it(browser: Any, tmp_path: Path) -> None:
+    """Issue 17, point 5: a folder of images as one async batch job, its progress, then the log."""
+    write_pixel_detector(tmp_path / "repo")
+    folder = tmp_path / "holiday"
+    folder.mkdir()
+    colours = [(200, 40, 40), (40, 200, 90), (30, 30, 220), (120, 120, 20), (10, 90, 160)]
+    for i, rgb in enumerate(colours):
+        Image.new("RGB", (80, 60), rgb).save(folder / f"img{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    with Appliance(tmp_path / "repo", workers=2, env={"RINGSERVE_PREDICTION_LOG": "1"}) as app:
+        open_console(browser, app.url)
+        until(browser, "document.getElementById('history-note').dataset.state === 'on'", 15, "the log panel")
+        assert browser.find_element("id", "history-note").text == "No prediction logged yet."
+        # chromedriver sends files, not folders: the same input, its folder picker attribute off
+        browser.execute_script("document.getElementById('folder').removeAttribute('webkitdirectory')")
+        paths = sorted(str(p) for p in folder.iterdir())
+        browser.find_element("id", "folder").send_keys("\n".join(paths))
+        until(browser, "document.getElementById('job-status').dataset.status === 'done'", 30, "the job to finish")
+        bar = browser.find_element("id", "job-progress")
+        assert bar.get_attribute("value") == bar.get_attribute("max") == "5"
+        rows = browser.find_elements("css selector", "#job-results li")
+        assert [r.text.split("\n")[0] for r in rows] == [f"img{i}.png" for i in range(5)]
+        assert all("thing 90%" in r.text for r in rows)
+        # the job's five images are in the log, and a sync prediction too, newest first
+        image = tmp_path / "one.png"
+        Image.new("RGB", (80, 60), (1, 2, 3)).save(image)
+        browser.find_element("id", "file").send_keys(str(image))
+        until(browser, "document.querySelectorAll('#history li').length === 6", 15, "six logged predictions")
+        first = browser.find_elements("css selector", "#history li")[0].text
+        assert "pixels: thing 90%" in first and "/api/v1/models/pixels/predict" in first
+        assert errors_in(browser) == []

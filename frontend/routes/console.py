@@ -297,6 +297,8 @@ def stats(request: Request) -> Stats:
         features={
             "stream": _serves(request, "websocket", "/ws/stream"),
             "batch": _serves(request, "http", "/api/v1/predict/batch", "POST"),
+            "jobs": _serves(request, "http", "/api/v1/predict/batch/async", "POST"),
+            "prediction_log": getattr(getattr(request.app.state, "shared", None), "log", None) is not None,
         },
         **numbers,  # type: ignore[arg-type]
     )

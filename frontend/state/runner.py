@@ -28,6 +28,7 @@ from frontend.schemas_batch import BatchItemError, BatchItemResult, BatchRespons
 from frontend.service import ImageRequest, ImageResult
 from frontend.state import jobs
 from frontend.state.db import Database, StoreError
+from frontend.state.gate import CLIENT, Client
 from ipc.errors import DeadlineExceeded, EngineUnavailable, QueueFull, RingserveError
 
 POLL_S = 0.5
@@ -114,6 +115,7 @@ class JobRunner:
                 work.cancel()
 
     async def _images(self, job: jobs.Claimed) -> None:
+        CLIENT.set(Client(key="", owner="", address=job.client, route=f"job {job.id}"))  # what the log records
         service = self.service()
         gate = asyncio.Semaphore(IN_FLIGHT)
         transient: list[RingserveError] = []

@@ -415,6 +415,12 @@
       els.stat.updated.textContent = `Stats unavailable: ${error.message}`;
       els.stat.updated.dataset.failures = String(Number(els.stat.updated.dataset.failures || 0) + 1);
       setBadge("down", "engine: unknown");
+    }
+    try {
+      if (features.prediction_log) await refreshHistory();
+      else showLogOff();
+    } catch (error) {
+      $("history-note").textContent = `The log is unavailable: ${error.message}`;
     } finally {
       clearTimeout(statsTimer);
       statsTimer = setTimeout(refreshStats, STATS_EVERY_MS);
@@ -474,8 +480,113 @@
     return null;
   }
 
+  // ------------------------------------------------------------------ a folder as one async batch job
+  const JOB_MAX_IMAGES = 32; // the batch routes' limit
+  const JOB_POLL_MS = 300;
+  let job = null; // { id, url, names }
+
+  async function runFolder(files) {
+    const images = [...files].filter((f) => f.type.startsWith("image/")).slice(0, JOB_MAX_IMAGES);
+    const skipped = files.length - images.length;
+    if (!images.length) {
+      $("job-status").textContent = "No image in that folder.";
+      return;
+    }
+    const form = new FormData();
+    for (const f of images) form.append("images", f, f.name);
+    form.append("confidence_threshold", els.confidence.value);
+    const model = els.model.value || defaultModel;
+    $("job-results").replaceChildren();
+    $("job-status").textContent = `Sending ${images.length} images${skipped ? ` (${skipped} files left out)` : ""}…`;
+    try {
+      const accepted = await getJSON(`api/v1/models/${encodeURIComponent(model)}/predict/batch/async`,
+        { method: "POST", body: form });
+      job = { id: accepted.job_id, url: accepted.status_url.replace(/^\//, ""), names: images.map((f) => f.name) };
+      const bar = $("job-progress");
+      Object.assign(bar, { hidden: false, max: images.length, value: 0 });
+      $("job-cancel").hidden = false;
+      pollJob(job);
+    } catch (error) {
+      $("job-status").textContent = `The job was refused: ${error.message}`;
+    }
+  }
+
+  async function pollJob(current) {
+    if (job !== current) return;
+    let s;
+    try {
+      s = await getJSON(current.url);
+    } catch (error) {
+      $("job-status").textContent = `Job ${current.id.slice(0, 8)}: ${error.message}`;
+      setTimeout(() => pollJob(current), JOB_POLL_MS * 3);
+      return;
+    }
+    const bar = $("job-progress");
+    bar.max = s.progress.total;
+    bar.value = s.progress.done;
+    bar.dataset.done = String(s.progress.done);
+    $("job-status").textContent = `Job ${s.job_id.slice(0, 8)}: ${s.status}, ${s.progress.done} of ${s.progress.total} images`
+      + (s.error ? ` (${s.error})` : "");
+    $("job-status").dataset.status = s.status;
+    if (s.status === "pending" || s.status === "running") {
+      setTimeout(() => pollJob(current), JOB_POLL_MS);
+      return;
+    }
+    $("job-cancel").hidden = true;
+    if (s.status === "done") {
+      $("job-results").replaceChildren(...s.result.results.map((r) => {
+        const li = document.createElement("li");
+        const name = current.names[r.index] ?? `#${r.index}`;
+        const found = r.error ? `error: ${r.error}` : describe(r) || "nothing found";
+        li.append(span("label", name), span("conf", found));
+        return li;
+      }));
+    }
+    job = null;
+  }
+
+  async function cancelJob() {
+    if (!job) return;
+    try {
+      await getJSON(job.url, { method: "DELETE" });
+    } catch (error) {
+      $("job-status").textContent = `Cancel: ${error.message}`;
+    }
+  }
+
+  // ------------------------------------------------------------------ the prediction log
+  function showLogOff() {
+    const note = $("history-note");
+    note.textContent = "The prediction log is off (RINGSERVE_PREDICTION_LOG=1 turns it on).";
+    note.dataset.state = "off";
+    $("history").replaceChildren();
+  }
+
+  async function refreshHistory() {
+    const response = await api("api/v1/predictions?limit=10");
+    const body = await response.json().catch(() => null);
+    const note = $("history-note");
+    if (!response.ok) {
+      note.textContent = `The log is unavailable: ${body?.error ?? response.status}`;
+      note.dataset.state = "error";
+      return;
+    }
+    note.textContent = body.predictions.length ? "" : "No prediction logged yet.";
+    note.dataset.state = "on";
+    $("history").replaceChildren(...body.predictions.map((p) => {
+      const li = document.createElement("li");
+      li.dataset.requestId = p.request_id;
+      const when = new Date(p.time).toLocaleTimeString();
+      const what = describe(p) || "nothing found";
+      li.append(span("when", when), span("label", `${p.model.name}: ${what}`), span("conf", p.cached ? "cached" : p.route));
+      return li;
+    }));
+  }
+
   // ------------------------------------------------------------------ wiring
   function wire() {
+    $("folder").addEventListener("change", () => runFolder($("folder").files));
+    $("job-cancel").addEventListener("click", cancelJob);
     els.file.addEventListener("change", () => useFile(els.file.files[0]));
     els.send.addEventListener("click", () => predict());
     els.confidence.addEventListener("input", () => { els.confidenceValue.textContent = Number(els.confidence.value).toFixed(2); });
