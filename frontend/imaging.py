@@ -144,7 +144,7 @@ def _decode_jpeg(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[np.ndar
     return img, w, h
 
 
-_STRIP_BYTES = 4 * 1024 * 1024  # of the decoded image, converted and reduced at a time
+_STRIP_BYTES = 1024 * 1024  # of the decoded image, converted and reduced at a time
 
 
 def _eight_bit(strip: Image.Image, float_scale: float) -> Image.Image:

@@ -1,0 +1,185 @@
+"""The worker's decode queue and the memory of one decode, in process (no appliance needed).
+
+- DecodePool: a job whose deadline passes while it waits is never run; the bounds in images and
+  bytes refuse at once; an image stays counted until its decode has really stopped.
+- Every Pillow mode decodes with a bounded peak: the decoded image at its own depth (the floor for a
+  format without a reduced decode) plus about twice the 8-bit RGB image at its reduced size. Each
+  case runs in a fresh interpreter, which reads its own peak RSS from the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from frontend import imaging
+from frontend.decode_pool import DecodePool
+from ipc.errors import DeadlineExceeded, QueueFull
+from ipc.messages import InputSpec
+from tests.harness import ROOT
+
+SPEC = InputSpec(300, 300, "stretch")
+
+
+def test_a_job_past_its_deadline_in_the_queue_is_never_run() -> None:
+    ran: list[str] = []
+    gate = threading.Event()
+
+    def blocker() -> str:
+        gate.wait(10)
+        ran.append("blocker")
+        return "blocker"
+
+    async def go() -> None:
+        pool = DecodePool(max_images=8, max_bytes=1 << 20)
+        now = time.monotonic()
+        first = asyncio.create_task(pool.run(blocker, 10, now + 30))
+        await asyncio.sleep(0)  # the blocker is submitted first
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await pool.run(lambda: ran.append("late"), 10, started + 0.3)
+        assert 0.25 < time.monotonic() - started < 2.0  # at its deadline, not after the blocker
+        assert pool.images == 1  # the late job, never started, is out of the queue
+        gate.set()
+        assert await first == "blocker"
+        await asyncio.sleep(0.1)
+        assert ran == ["blocker"] and pool.images == 0 and pool.bytes == 0
+        pool.close()
+
+    asyncio.run(go())
+
+
+def test_the_queue_refuses_at_once_past_its_bounds() -> None:
+    gate = threading.Event()
+
+    async def go() -> None:
+        pool = DecodePool(max_images=2, max_bytes=100)
+        far = time.monotonic() + 30
+        held = [asyncio.create_task(pool.run(lambda: gate.wait(10), 40, far)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await pool.run(lambda: None, 1, far)  # a third image
+        gate.set()
+        await asyncio.gather(*held)
+        await asyncio.sleep(0.05)
+        gate.clear()
+        big = asyncio.create_task(pool.run(lambda: gate.wait(10), 500, far))  # alone: admitted
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await pool.run(lambda: None, 1, far)  # the bytes bound
+        gate.set()
+        assert await big is True
+        pool.close()
+
+    asyncio.run(go())
+
+
+def test_a_started_decode_stays_counted_after_its_waiter_gave_up() -> None:
+    gate = threading.Event()
+
+    async def go() -> None:
+        pool = DecodePool(max_images=1, max_bytes=1 << 20)
+        with pytest.raises(DeadlineExceeded):
+            await pool.run(lambda: gate.wait(10), 10, time.monotonic() + 0.2)
+        with pytest.raises(QueueFull):  # the decode still runs: the bound holds for the thread
+            await pool.run(lambda: None, 10, time.monotonic() + 5)
+        gate.set()
+        for _ in range(100):
+            if pool.images == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.images == 0
+        await pool.run(lambda: None, 10, time.monotonic() + 5)
+        pool.close()
+
+    asyncio.run(go())
+
+
+# --------------------------------------------------------------------------- decode memory per mode
+SIDE = 4000
+
+
+def _image(mode: str) -> Image.Image:
+    ramp = np.linspace(0, 1, SIDE, dtype=np.float32)[:, None] * np.ones((1, SIDE), np.float32)
+    if mode == "I;16":
+        return Image.fromarray((ramp * 65535).astype(np.uint16))
+    if mode == "I;16B":
+        return Image.frombytes(mode, (SIDE, SIDE), (ramp * 65535).astype(">u2").tobytes())
+    if mode == "I":
+        return Image.fromarray((ramp * 65535).astype(np.int32))
+    if mode == "F":
+        return Image.fromarray(ramp)
+    grey = Image.fromarray((ramp * 255).astype(np.uint8))
+    return grey.convert("RGB").convert(mode) if mode != "L" else grey
+
+
+CASES = {  # (mode, format): bytes per pixel of the decoded image at its own depth
+    ("I;16", "PNG"): 2,
+    ("I;16B", "TIFF"): 2,
+    ("I", "TIFF"): 4,
+    ("F", "TIFF"): 4,
+    ("P", "PNG"): 1,
+    ("LA", "PNG"): 4,  # Pillow keeps LA in 4 bytes a pixel
+    ("RGBA", "PNG"): 4,
+    ("1", "PNG"): 1,
+    ("CMYK", "TIFF"): 4,
+    ("CMYK", "JPEG"): 0,  # drafted: decoded at about the model's size
+}
+_CHILD = """
+import sys
+from pathlib import Path
+from frontend import imaging
+from ipc.messages import InputSpec
+data = Path(sys.argv[1]).read_bytes()
+imaging.decode(Path(sys.argv[2]).read_bytes(), InputSpec(300, 300, "stretch"), 10**8)  # a warm worker
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+Path("/proc/self/clear_refs").write_text("5")
+before = status("VmRSS")
+img, w, h = imaging.decode(data, InputSpec(300, 300, "stretch"), 10**8)
+print(status("VmHWM") - before, img.shape[0], img.shape[1], w, h)
+"""
+
+
+@pytest.mark.parametrize(("mode", "fmt"), list(CASES), ids=[f"{m}-{f}" for m, f in CASES])
+def test_decode_memory_is_bounded_for_every_mode(tmp_path: Path, mode: str, fmt: str) -> None:
+    extra = {"compression": "tiff_deflate"} if fmt == "TIFF" else {}
+    path, small = tmp_path / f"image.{fmt.lower()}", tmp_path / f"small.{fmt.lower()}"
+    image = _image(mode)
+    image.save(path, format=fmt, **extra)
+    image.resize((700, 700)).save(small, format=fmt, **extra)
+    child = [sys.executable, "-c", _CHILD, str(path), str(small)]
+    out = subprocess.run(child, cwd=ROOT, capture_output=True, text=True, timeout=100, check=True).stdout.split()
+    growth, rh, rw, w, h = (int(x) for x in out)
+    assert (w, h) == (SIDE, SIDE)
+    native = SIDE * SIDE * CASES[(mode, fmt)]
+    reduced_rgb = rh * rw * 3
+    slack = 16 * 2**20  # strips (1 MB at the image's depth, and their RGB), allocator, libtiff/zlib buffers
+    assert growth <= native + 2 * reduced_rgb + slack, (
+        f"{mode} {fmt}: peak grew by {growth / 2**20:.0f} MB; decoded at its depth {native / 2**20:.0f} MB, "
+        f"reduced RGB {reduced_rgb / 2**20:.1f} MB"
+    )
+
+
+def test_modes_decode_to_the_same_picture() -> None:
+    """The strip-wise conversion gives what a whole-image conversion would (16-bit: the high byte)."""
+    ramp = (np.linspace(0, 65535, 640, dtype=np.float64)[:, None] * np.ones((1, 480))).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    img, w, h = imaging.decode(buf.getvalue(), InputSpec(64, 64, "stretch"), 10**8)
+    want = (ramp >> 8).astype(np.uint8)
+    factor = min(480 // 64, 640 // 64)
+    expected = np.asarray(Image.fromarray(want).reduce(factor))
+    assert (w, h) == (480, 640) and img.shape == (*expected.shape, 3)
+    assert np.abs(img[..., 0].astype(int) - expected).max() <= 1
