@@ -138,8 +138,10 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests of one stream are served concurrently (at most STREAM_IN_FLIGHT); responses go
-        out as they complete, each with its request's id; an error answers that request only."""
+        """Requests of one stream are served concurrently; responses go out as they complete, each
+        with its request's id; an error answers that request only. At most STREAM_IN_FLIGHT requests
+        are being served or waiting for the client to read their response: past that the stream is
+        not read, so HTTP/2 flow control holds the client back."""
         stream_id = request_id(context)
         out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         room = asyncio.Semaphore(STREAM_IN_FLIGHT)
@@ -153,25 +155,26 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 _, message = status_of(exc, "ModelStreamInfer")
                 head = pb.ModelInferResponse(model_name=r.model_name, model_version=r.model_version, id=r.id)
                 reply = pb.ModelStreamInferResponse(error_message=message, infer_response=head)
-            finally:
-                room.release()
-            await out.put(reply)
+            out.put_nowait(reply)
 
         async def read() -> None:
-            n = 0
-            async for r in requests:
-                await room.acquire()
-                task = asyncio.create_task(one(r, self._call(context, f"{stream_id}.{n}")))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                n += 1
-            await asyncio.gather(*list(tasks))
-            await out.put(None)
+            try:
+                n = 0
+                async for r in requests:
+                    await room.acquire()
+                    task = asyncio.create_task(one(r, self._call(context, f"{stream_id}.{n}")))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    n += 1
+                await asyncio.gather(*list(tasks))
+            finally:
+                out.put_nowait(None)  # the end, or the reader failed: its error is raised below
 
         reader = asyncio.create_task(read())
         try:
             while (reply := await out.get()) is not None:
                 yield reply
+                room.release()
             await reader
         finally:
             for task in [reader, *tasks]:
