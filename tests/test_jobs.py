@@ -203,3 +203,44 @@ def test_engine_killed_mid_job_retries_then_fails_with_a_reason(tmp_path: Path, 
             engine.resume()
         assert job["status"] == "failed", job
         assert job["error"].startswith("gave up after 5 attempts: engine_down"), job["error"]
+
+
+def test_job_caps_and_retention(tmp_path: Path) -> None:
+    """Past the cap of stored jobs (or bytes) a job is refused; finished jobs go after the retention."""
+    from frontend.state import jobs
+    from frontend.state.db import Database
+
+    db = Database(tmp_path / "jobs.db", jobs.MIGRATIONS, name="jobs")
+
+    def submit(data: bytes, max_jobs: int = 2, max_bytes: int = 100) -> str:
+        return db.call_sync(
+            lambda c: jobs.submit(
+                c,
+                owner="",
+                kind="single",
+                model="m",
+                version=1,
+                request_id="r",
+                client="-",
+                items=[jobs.NewItem(data, {})],
+                max_jobs=max_jobs,
+                max_bytes=max_bytes,
+            )
+        )
+
+    try:
+        first = submit(b"x" * 60)
+        with pytest.raises(jobs.JobsFull, match="bytes"):
+            submit(b"x" * 60)
+        submit(b"x" * 10)
+        with pytest.raises(jobs.JobsFull, match="2 jobs"):
+            submit(b"x")
+        job, _ = db.call_sync(jobs.claim, "w1", 10.0, 3)
+        assert job is not None and job.id == first and job.pending[0][1] == b"x" * 60
+        assert db.call_sync(jobs.complete, first, "w1", "done", None, {"ok": 1})
+        assert db.call_sync(jobs.sweep, 3600.0) == 0
+        assert db.call_sync(jobs.sweep, -1.0) == 1  # finished "more than -1 s ago": gone
+        assert db.call_sync(jobs.view, first) is None
+        submit(b"x")  # room again
+    finally:
+        db.close()

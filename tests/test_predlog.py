@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from tests.harness import Appliance, wait_for
 from tests.state_models import data_dir, metric, png
@@ -149,3 +150,47 @@ def test_corrupt_log_never_fails_a_prediction_and_retention_holds(tmp_path: Path
             return len(logged) == 3 and set(logged) <= set(sent)
 
         wait_for(three_newest, 30, "the log to be back, holding its row bound", every=0.3)
+
+
+def test_a_full_disk_drops_log_entries_and_predictions_go_on(tmp_path: Path, no_leaks: None) -> None:
+    """The data dir on a 1 MB tmpfs of the appliance's own (a mount namespace), filled up."""
+    from tests.models import write_pixel_detector
+    from tests.shm_ns import why_not
+
+    if why_not():  # pragma: no cover - the test machines are root
+        pytest.fail(f"cannot make a private mount namespace here: {why_not()}")
+    repo = tmp_path / "repo"
+    write_pixel_detector(repo)
+    state = data_dir(repo)
+    state.mkdir()
+    script = f'mount -t tmpfs -o size=1m tmpfs {state} && exec "$@"'
+    prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh")
+    with Appliance(repo, workers=2, env={"RINGSERVE_PREDICTION_LOG": "1"}, prefix=prefix) as app:
+        inside = Path(f"/proc/{app.proc.pid}/root{state}")  # type: ignore[union-attr]
+        filler = inside / "filler"
+        with open(filler, "wb") as f:  # fill the tmpfs to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        for rgb in (RED, GREEN, BLUE):
+            started = time.monotonic()
+            r = _post(app.url, "/api/v1/predict", content=png(rgb), headers={"Content-Type": "image/png"})
+            assert r.status_code == 200 and time.monotonic() - started < 1.0
+
+        def dropped() -> bool:
+            scrape = httpx.get(f"{app.url}/metrics").text
+            return metric(scrape, "ringserve_prediction_log_total", outcome="dropped_error") >= 3
+
+        wait_for(dropped, 20, "the full disk to drop the entries")
+        assert "entries dropped (predictions)" in app.log()
+        filler.unlink()  # room again: the log writes again (after its reopen pause)
+
+        def written() -> bool:
+            _post(app.url, "/api/v1/predict", content=png(RED), headers={"Content-Type": "image/png"})
+            scrape = httpx.get(f"{app.url}/metrics").text
+            return metric(scrape, "ringserve_prediction_log_total", outcome="written") >= 1
+
+        wait_for(written, 30, "the log to write again", every=0.5)
