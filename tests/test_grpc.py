@@ -418,6 +418,29 @@ def test_status_codes_follow_the_v2_http_status() -> None:
     assert CODE[501] == grpc.StatusCode.UNIMPLEMENTED and CODE[404] == grpc.StatusCode.NOT_FOUND
 
 
+def grpc_listeners(app: Appliance) -> set[int]:
+    found = set()
+    for pid in app.worker_pids():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+            if any(c.laddr.port == app.grpc_port and c.status == psutil.CONN_LISTEN for c in conns):
+                found.add(pid)
+    return found
+
+
+def test_a_replaced_worker_serves_grpc_again(app: Appliance) -> None:
+    victim = app.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in app.worker_pids() and len(app.worker_pids()) == 2, 60, "the worker's replacement")
+    app.wait_all_workers_ready()
+    wait_for(lambda: grpc_listeners(app) == set(app.worker_pids()), 30, "the replacement to listen for gRPC")
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    for i in range(8):  # new connections, spread over both workers again
+        with contextlib.closing(tg.InferenceServerClient(app.grpc_url, channel_args=own)) as c:
+            result = c.infer("pixels", [uint8_input(pixels(colour(i)))])
+            np.testing.assert_allclose(result.as_numpy("boxes"), [[raw_box(colour(i))]], atol=1e-6)
+
+
 def test_engine_down_is_unavailable_then_recovers(app: Appliance, client: tg.InferenceServerClient) -> None:
     """Last user of the module's appliance: kill -9 the engine."""
     os.kill(app.engine_pid(), signal.SIGKILL)
