@@ -106,8 +106,10 @@ def _typed(inp: pb.ModelInferRequest.InferInputTensor) -> bytes | None:
         raise bad(f"input '{inp.name}': datatype '{inp.datatype}' cannot be sent as typed contents")
     dtype = codec.NUMPY[inp.datatype]
     array = np.asarray(values)
-    if array.size and (array.dtype.kind in "iu") and (array.min() < 0 or array.max() > np.iinfo(dtype).max):
-        raise bad(f"input '{inp.name}': {field} holds values out of range for {inp.datatype}")
+    if array.size and array.dtype.kind in "iu" and dtype.kind in "iu":
+        limits = np.iinfo(dtype)
+        if array.min() < limits.min or array.max() > limits.max:
+            raise bad(f"input '{inp.name}': {field} holds values out of range for {inp.datatype}")
     return array.astype(dtype).tobytes()
 
 
