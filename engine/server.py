@@ -22,7 +22,8 @@ from engine import metrics
 from engine import models as model_loader
 from engine.batcher import Batcher, Job
 from engine.control import LifecycleSettings
-from engine.repository import ModelConfig, scan
+from engine.lifecycle import Lifecycle
+from engine.repository import ModelConfig
 from engine.session import ProviderUnavailable, choose_providers, quiet_ort
 from ipc import messages as m
 from ipc.errors import BadInput, DeadlineExceeded, EngineUnavailable, ModelNotFound, RingserveError
@@ -74,6 +75,7 @@ class Engine:
         self._ctx = zmq.Context()
         self.restarts = 0
         self.ort_cache = settings.lifecycle.cache(settings.repo)
+        self.lifecycle = Lifecycle(self, settings.lifecycle)
         self.exit_code = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -81,21 +83,7 @@ class Engine:
         quiet_ort()
         providers = choose_providers(self.settings.providers)
         logger.info("providers {}", providers)
-        configs, self.failed = scan(self.settings.repo, self.settings.models or None)
-        for name, why in self.failed.items():
-            logger.error("model {} not loaded: {}", name, why)
-        for cfg in configs:
-            for version in cfg.versions:
-                try:
-                    loaded, instances = self._load_version(cfg, version, providers)
-                except Exception as exc:
-                    logger.error("model {}/{} not loaded: {}", cfg.name, version, exc)
-                    self.failed[f"{cfg.name}/{version}"] = str(exc)
-                    continue
-                self.providers = loaded.session.providers
-                metrics.LOAD_TIME.labels(cfg.name, str(version)).set(loaded.load_seconds)
-                self.batchers[loaded.key] = Batcher(loaded, self._reply_from_batcher, instances)
-                self.latest[cfg.name] = max(version, self.latest.get(cfg.name, 0))
+        self.lifecycle.initial_load(providers)
 
     def _load_version(
         self, cfg: ModelConfig, version: int, providers: list[str]
@@ -132,9 +120,10 @@ class Engine:
         try:
             self._loop(router, replies)
         finally:
-            for batcher in self.batchers.values():
+            batchers = [*self.batchers.values(), *self.lifecycle.stop()]
+            for batcher in batchers:
                 batcher.stop()
-            for batcher in self.batchers.values():
+            for batcher in batchers:
                 batcher.join(timeout=5)
             for worker in self.workers.values():
                 if worker.ring is not None:
@@ -182,6 +171,7 @@ class Engine:
             if now >= next_reap:
                 next_reap = now + 1.0
                 self._forget_dead_workers()
+            self.lifecycle.tick(router)  # loads, swaps and unloads; tells the workers the new model set
             if self._dead_threads():
                 return
 
@@ -217,6 +207,8 @@ class Engine:
             self._hello(router, identity, msg)
         elif isinstance(msg, m.Bye):
             self._forget(identity)
+        elif isinstance(msg, m.Control):
+            self.lifecycle.control(router, identity, msg)
         else:
             logger.warning("dropped an unexpected {} from {!r}", type(msg).__name__, identity)
 
@@ -235,6 +227,8 @@ class Engine:
             registered=registered,
             restarts=self.restarts,
             failed=self.failed,
+            states=self.lifecycle.states(),
+            control=self.settings.lifecycle.control,
         )
 
     def _hello(self, router: zmq.Socket, identity: bytes, msg: m.Hello) -> None:  # type: ignore[type-arg]
@@ -268,7 +262,7 @@ class Engine:
     def _infer(self, router: zmq.Socket, identity: bytes, msg: m.Infer) -> None:  # type: ignore[type-arg]
         try:
             job = self._validate(identity, msg)
-            self.batchers[(msg.model, msg.version)].submit(job)
+            self._route(msg).submit(job)
         except RingserveError as exc:
             logger.bind(request_id=msg.req_id).warning("rejected: {}: {}", exc.reason, exc.detail)
             metrics.ENGINE_ERRORS.labels(exc.reason).inc()
@@ -277,12 +271,18 @@ class Engine:
             return
         self.workers[identity].busy.add(msg.slot)
 
+    def _route(self, msg: m.Infer) -> Batcher:
+        batcher = self.lifecycle.route((msg.model, msg.version))
+        if batcher is None:  # _validate found it; a swap happens only in this thread
+            raise ModelNotFound(f"model {msg.model} version {msg.version} is not loaded")
+        return batcher
+
     def _validate(self, identity: bytes, msg: m.Infer) -> Job:
         worker = self.workers.get(identity)
         if worker is None or worker.ring is None:
             # A worker that still believes in a previous engine instance: it must re-register.
             raise EngineUnavailable(f"this worker is not registered with engine {self.instance}; send Hello")
-        batcher = self.batchers.get((msg.model, msg.version))
+        batcher = self.lifecycle.route((msg.model, msg.version))
         if batcher is None:
             raise ModelNotFound(f"model {msg.model} version {msg.version} is not loaded")
         if (msg.height, msg.width, 3) != batcher.model.input_shape:

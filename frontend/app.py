@@ -19,6 +19,7 @@ from frontend.service import ImageService
 from frontend.settings import Settings
 from frontend.state import install as install_state
 from frontend.v2 import make_router as v2_router
+from frontend.v2 import repository as v2_repository
 from ipc import logs
 from ipc.metrics_dir import compact, ensure_env
 from ipc.ring import remove_orphans
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deepstack.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(v2_repository.make_router())  # before the V2 router and its catch-all
     app.include_router(v2_router(settings))
     app.include_router(metrics.router)
     app.include_router(console.router)

@@ -45,6 +45,15 @@ class Hello(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     slot_bytes: int = 0
 
 
+class ModelState(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    """One version of the repository: LOADING, READY, UNLOADING or UNAVAILABLE (with the reason)."""
+
+    name: str
+    version: int
+    state: str
+    reason: str = ""
+
+
 class Ready(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     """Engine -> worker: what is served, and whether the worker's ring is registered."""
 
@@ -55,6 +64,9 @@ class Ready(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     registered: bool
     restarts: int = 0
     failed: dict[str, str] = {}  # model -> why it did not load
+    # Also sent to every registered worker whenever the model set changes (engine/lifecycle.py).
+    states: list[ModelState] = []  # every version the engine knows of, served or not
+    control: str = ""  # the model control mode: none | poll | explicit
 
 
 class Infer(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
@@ -131,7 +143,24 @@ class Bye(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     pid: int
 
 
-Message = Hello | Ready | Infer | Result | Error | Heartbeat | Bye
+class Control(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    """Any peer -> engine: the repository API. ``action``: index | load | unload."""
+
+    req_id: str
+    action: str
+    model: str = ""
+
+
+class ControlReply(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+    """Engine -> the peer that sent a Control, once the load or unload is done (or failed)."""
+
+    req_id: str
+    ok: bool
+    detail: str = ""
+    states: list[ModelState] = []
+
+
+Message = Hello | Ready | Infer | Result | Error | Heartbeat | Bye | Control | ControlReply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
