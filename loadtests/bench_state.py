@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                     ]
                 print(f"{name}: {rps:.1f} requests/s {extra}")
     mean_off, mean_on = statistics.mean(results["off"]), statistics.mean(results["on"])
+    ratios = [on_ / off_ for off_, on_ in zip(results["off"], results["on"], strict=True)]
+    print("per round, on/off: " + ", ".join(f"{100 * (r - 1):+.1f}%" for r in ratios))
+    print(f"median of the rounds' ratios: {100 * (statistics.median(ratios) - 1):+.1f}%")
     print(
         f"light model, {a.workers} workers, concurrency {a.concurrency}: off {mean_off:.1f}/s, all on {mean_on:.1f}/s,"
         f" change {100 * (mean_on / mean_off - 1):+.1f}%"
