@@ -300,5 +300,5 @@ def stats(request: Request) -> Stats:
             "jobs": _serves(request, "http", "/api/v1/predict/batch/async", "POST"),
             "prediction_log": getattr(getattr(request.app.state, "shared", None), "log", None) is not None,
         },
-        **numbers,  # type: ignore[arg-type]
+        **numbers,
     )
