@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     allowed_hosts: list[str] = []  # Host headers accepted (DNS rebinding); empty: any. JSON list in the env
     log_json: bool = False
     log_level: str = "INFO"
+    # /health/ready waits for these models (comma-separated); "": the default model; "-": none
+    required_models: str = ""
     # DeepStack API (frontend/routes/deepstack.py): the classifier behind /v1/vision/scene; "" = the first served
     deepstack_scene_model: str = ""
     # Shared state of the workers (frontend/state/: SQLite files under data_dir, issue 17).

@@ -69,6 +69,9 @@ class Traffic:
                     self.versions[r.json()["model"]["version"]] += 1
                 else:
                     self.failures.append(f"{r.status_code} {r.text}")
+                ready = client.get(self.url.split("/api/")[0] + "/health/ready")
+                if ready.status_code != 200:  # a swap never makes the appliance unready
+                    self.failures.append(f"/health/ready {ready.status_code} {ready.text}")
 
     def __enter__(self) -> Traffic:
         self._thread.start()
@@ -212,6 +215,18 @@ def test_explicit_load_and_unload_through_tritonclient_free_the_memory(explicit:
         client.load_model("nothing-here")
     with pytest.raises(InferenceServerException):
         client.infer("big", [inp])
+    # /health/ready follows the required models (by default the default model, "pixels").
+    client.load_model("big")
+    client.unload_model("pixels")
+    r = httpx.get(f"{explicit.url}/health/ready")
+    assert r.status_code == 503 and "pixels" in r.json()["reason"], r.text
+    health = httpx.get(f"{explicit.url}/health").json()
+    assert health["model_states"]["pixels/1"]["state"] == "UNAVAILABLE" and health["missing_required_models"] == [
+        "pixels"
+    ]
+    client.load_model("pixels")
+    assert httpx.get(f"{explicit.url}/health/ready").status_code == 200
+    assert httpx.get(f"{explicit.url}/health").json()["model_states"]["pixels/1"] == {"state": "READY"}
     r = httpx.post(f"{explicit.url}/v2/repository/models/..%2Fetc/load")
     assert 400 <= r.status_code < 500
     r = httpx.post(f"{explicit.url}/v2/repository/models/big/load", content=b"[1, 2")

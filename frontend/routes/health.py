@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from frontend import readiness
 from frontend.client import EngineClient
 from frontend.jsonresp import JSONResponse
 
@@ -26,10 +27,12 @@ async def live() -> dict[str, str]:
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
     client: EngineClient = request.app.state.client
-    ok = client.is_ready and bool(client.models)
+    absent = readiness.missing(client, request.app.state.settings)
+    ok = client.is_ready and bool(client.models) and not absent
     body: dict[str, object] = {"ready": ok}
     if not ok:
-        body["reason"] = _not_ready_reason(client)
+        serving = client.is_ready and client.models
+        body["reason"] = f"required model(s) not loaded: {', '.join(absent)}" if serving else _not_ready_reason(client)
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -47,9 +50,10 @@ def _not_ready_reason(client: EngineClient) -> str:
 async def health(request: Request) -> Response:
     client: EngineClient = request.app.state.client
     r = client.ready
+    absent = readiness.missing(client, request.app.state.settings)
     if r is None or not client.is_ready or not client.models:
         status = "unhealthy"
-    elif r.failed or r.restarts:
+    elif r.failed or r.restarts or absent:
         status = "degraded"
     else:
         status = "healthy"
@@ -67,6 +71,8 @@ async def health(request: Request) -> Response:
         "gpu": _gpu_present(),
         "models": sorted(f"{n}/{v}" for n, v in client.models) if r else [],
         "failed_models": r.failed if r else {},
+        "model_states": readiness.states(client),  # per version: LOADING, READY, UNLOADING, UNAVAILABLE
+        "missing_required_models": absent,
         "worker": {
             "pid": os.getpid(),
             "ring_slots": ring.slots if ring else 0,

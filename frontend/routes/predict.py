@@ -22,9 +22,11 @@ _IMAGE_BODY = image_body("image", PredictJSON, raw_types=predict.RAW_TYPES)
 
 async def _predict(request: Request, name: str, version: int | None) -> Response:
     service: ImageService = request.app.state.service
-    info = service.model(name, version)  # 404 / 503 before the body is read
+    service.model(name, version)  # 404 / 503 before the body is read
     upload = await predict.read_upload(request, request.app.state.settings)
-    req = ImageRequest(name, info.version, upload.params, request_id(request), time.monotonic(), image=upload.data)
+    # ``version``, not info.version: "latest" is resolved again when the image goes to the engine, so a
+    # version swap while the body is read never answers 404 (engine/lifecycle.py).
+    req = ImageRequest(name, version, upload.params, request_id(request), time.monotonic(), image=upload.data)
     result = await service.predict(req)
     return JSONResponse(result.response().model_dump(mode="json", exclude_none=True))
 
