@@ -96,11 +96,13 @@ def _read_json(body: bytes, defaults: Params) -> list[Item]:
 
 async def _predict_batch(request: Request, name: str, version: int | None) -> Response:
     service: ImageService = request.app.state.service
-    info = service.model(name, version)
+    info = service.model(name, version)  # 404 / 503 before the body is read
     items = await read_batch(request, request.app.state.settings)
     rid, accepted = request_id(request), time.monotonic()
     reqs = {
-        i: ImageRequest(name, info.version, item[1], f"{rid}.{i}", accepted, image=item[0])
+        # ``version``, not info.version: "latest" is resolved when each image goes to the engine, so
+        # a version swap while the body is read or the images decode is not a 404 (as REST single).
+        i: ImageRequest(name, version, item[1], f"{rid}.{i}", accepted, image=item[0])
         for i, item in enumerate(items)
         if not isinstance(item, RingserveError)
     }
@@ -110,7 +112,9 @@ async def _predict_batch(request: Request, name: str, version: int | None) -> Re
     failed = sum(isinstance(r, BatchItemError) for r in results)
     if failed:
         logger.bind(request_id=rid).info("batch of {}: {} images failed", len(results), failed)
-    response = BatchResponse(request_id=rid, model=ModelRef(name=info.name, version=info.version), results=results)
+    ran = next((a for a in answers.values() if isinstance(a, ImageResult)), None)
+    model = ModelRef(name=info.name, version=ran.version if ran else info.version)
+    response = BatchResponse(request_id=rid, model=model, results=results)
     return JSONResponse(response.model_dump(mode="json", exclude_none=True))
 
 
