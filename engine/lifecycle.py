@@ -190,7 +190,7 @@ class Lifecycle:
         return None
 
     # ----------------------------------------------------------------- the IO loop's part
-    def tick(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
+    def tick(self, router: zmq.Socket) -> None:
         while True:
             try:
                 event = self._events.get_nowait()
@@ -212,7 +212,7 @@ class Lifecycle:
                     self.engine._send(router, identity, payload)
         self._answer(router)
 
-    def control(self, router: zmq.Socket, identity: bytes, msg: m.Control) -> None:  # type: ignore[type-arg]
+    def control(self, router: zmq.Socket, identity: bytes, msg: m.Control) -> None:
         def refuse(why: str) -> None:
             self.engine._send(router, identity, m.encode(m.ControlReply(msg.req_id, False, why, self.states())))
 
@@ -365,7 +365,7 @@ class Lifecycle:
             event.batcher.start()
         logger.info("{}/{} ready", *key)
 
-    def _answer(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
+    def _answer(self, router: zmq.Socket) -> None:
         for p in list(self.pending):
             name = p.msg.model
             busy = any(k[0] == name for k in self.loading)
