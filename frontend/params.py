@@ -10,7 +10,6 @@ property tests in tests/test_parsers.py hold them to that.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 import sys
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ipc.errors import BadInput, InvalidParameter
 
 _DATA_URL = re.compile(rb"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
-_SPACE = re.compile(rb"\s+")
+_SPACE = b" \t\n\r\f\v"
 _MAX_DIGITS = 18  # below 2**63; longer numbers saturate (int() refuses more than 4300 digits)
 
 
@@ -87,9 +86,11 @@ def b64decode(text: str, what: str = "image_b64") -> bytes:
         raw = text.encode("ascii")
     except UnicodeEncodeError:
         raise BadInput(f"{what} is not valid base64") from None
-    raw = _SPACE.sub(b"", _DATA_URL.sub(b"", raw, count=1))
+    # C all the way (20 MB in about 70 ms, on the event loop): base64.b64decode(validate=True) checks
+    # with a regular expression, 3x slower.
+    raw = _DATA_URL.sub(b"", raw, count=1).translate(None, _SPACE)
     try:
-        return base64.b64decode(raw, validate=True)
+        return binascii.a2b_base64(raw, strict_mode=True)
     except (binascii.Error, ValueError):
         raise BadInput(f"{what} is not valid base64") from None
 
