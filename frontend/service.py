@@ -12,7 +12,8 @@ Interface (stable; an adapter parses its protocol into ``ImageRequest``s and ren
       model, version   the model name and version (None: the latest version)
       params           frontend.params.Params: confidence_threshold, max_detections, timeout_s
       request_id       logged by both processes (a batch's images: "<id>.<index>")
-      accepted         time.monotonic() when the request was accepted: the deadline base
+      accepted         time.monotonic() when the request was accepted: the deadline base (HTTP:
+                       its body has arrived, BODY_TIMEOUT_S bounds the upload; WebSocket: the frame)
       image            the encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF)
       pixels           or RGB uint8 pixels [H, W, 3] (V2 UINT8 tensors): copied into the slot when
                        they have the model's input size, resized like a decoded image otherwise
