@@ -15,21 +15,19 @@ failed, and only if one of them is ready: a broken new version fails alone, the 
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import zmq
 from loguru import logger
 
 from engine import metrics
-from engine.batcher import Batcher, Job, Reply
+from engine.batcher import Batcher
 from engine.control import LifecycleSettings
-from engine.models import LoadedModel
+from engine.served import Counted, Event, Failed, Freed, Key, Loaded, Pending, Retiring, WantTask, trim
 from engine.warmup import warm_up
 from engine.watch import Fingerprint, Snapshot, Want, Watcher, snapshot
 from ipc import messages as m
@@ -37,87 +35,8 @@ from ipc import messages as m
 if TYPE_CHECKING:
     from engine.server import Engine
 
-Key = tuple[str, int]
 LOADING, READY, UNLOADING, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "UNAVAILABLE"
 FORCE_UNLOAD_S = 60.0  # a retired version whose requests never finish is stopped anyway
-
-
-class Counted(Batcher):
-    """A batcher that knows how many of its requests are unanswered, and when the last one came."""
-
-    def __init__(self, model: LoadedModel, reply: Reply, instances: int) -> None:
-        self._lock = threading.Lock()
-        self.inflight = 0
-        self.last_submit = 0.0
-        self.started = False
-
-        def counted(job: Job, msg: m.Message) -> None:
-            with self._lock:
-                self.inflight -= 1
-            reply(job, msg)
-
-        super().__init__(model, counted, instances)
-
-    def start(self) -> None:
-        self.started = True
-        super().start()
-
-    def join(self, timeout: float) -> None:
-        if self.started:
-            super().join(timeout)
-
-    def submit(self, job: Job) -> None:
-        with self._lock:
-            self.inflight += 1
-            self.last_submit = time.monotonic()
-        try:
-            super().submit(job)
-        except BaseException:
-            with self._lock:
-                self.inflight -= 1
-            raise
-
-
-@dataclass
-class _Retiring:
-    key: Key
-    batcher: Counted
-    since: float
-
-
-@dataclass
-class _Pending:
-    identity: bytes
-    msg: m.Control
-    keys: set[Key] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    key: Key
-    fingerprint: Fingerprint
-    batcher: Counted
-
-
-@dataclass(frozen=True)
-class _Failed:
-    key: Key
-    fingerprint: Fingerprint
-    reason: str
-
-
-@dataclass(frozen=True)
-class _Want:
-    key: Key
-    want: Want
-
-
-@dataclass(frozen=True)
-class _Freed:
-    key: Key
-
-
-_Event = Snapshot | _Loaded | _Failed | _Freed
 
 
 class Lifecycle:
@@ -130,12 +49,12 @@ class Lifecycle:
         self.serving: dict[Key, Fingerprint] = {}
         self.loading: dict[Key, Fingerprint] = {}
         self.broken: dict[Key, tuple[Fingerprint, str]] = {}
-        self.retiring: list[_Retiring] = []
+        self.retiring: list[Retiring] = []
         self.freeing: set[Key] = set()
         self.unloaded: set[Key] = set()
-        self.pending: list[_Pending] = []
-        self._events: queue.Queue[_Event] = queue.Queue()
-        self._tasks: queue.Queue[_Want | _Retiring | None] = queue.Queue()
+        self.pending: list[Pending] = []
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._tasks: queue.Queue[WantTask | Retiring | None] = queue.Queue()
         self._loader = threading.Thread(target=self._load_loop, name="model-loader", daemon=True)
         self._watcher: Watcher | None = None
         self._changed = False
@@ -154,10 +73,10 @@ class Lifecycle:
         keys = [(name, v) for name in sorted(self.wants) for v in sorted(self.wants[name])]
         for key in keys:
             self.loading[key] = self.wants[key[0]][key[1]].fingerprint
-            self._tasks.put(_Want(key, self.wants[key[0]][key[1]]))
+            self._tasks.put(WantTask(key, self.wants[key[0]][key[1]]))
         for _ in keys:
             event = self._events.get()
-            assert isinstance(event, (_Loaded, _Failed))
+            assert isinstance(event, (Loaded, Failed))
             self._apply(event)
         self._serving = True
         self._publish_tables()
@@ -229,7 +148,7 @@ class Lifecycle:
             )
         if msg.action == "unload":
             self.wants[msg.model] = {}
-            self.pending.append(_Pending(identity, msg))
+            self.pending.append(Pending(identity, msg))
             self._changed = True
             return None
         repo = self.engine.settings.repo
@@ -243,7 +162,7 @@ class Lifecycle:
         self.errors.update(found.errors)
         for v in self.wants[msg.model]:
             self.broken.pop((msg.model, v), None)  # asked again: try again
-        self.pending.append(_Pending(identity, msg))
+        self.pending.append(Pending(identity, msg))
         self._changed = True
         return None
 
@@ -301,7 +220,7 @@ class Lifecycle:
                     continue  # the same broken files: not again until they change
                 self.loading[key] = want.fingerprint
                 self.unloaded.discard(key)
-                self._tasks.put(_Want(key, want))
+                self._tasks.put(WantTask(key, want))
                 self._changed = True
             extra = [k for k in self.engine.batchers if k[0] == name and k[1] not in wanted]
             settled = not any((name, v) in self.loading for v in wanted)
@@ -317,7 +236,7 @@ class Lifecycle:
         batcher = self.engine.batchers.pop(key)
         assert isinstance(batcher, Counted)
         self.serving.pop(key, None)
-        self.retiring.append(_Retiring(key, batcher, time.monotonic()))
+        self.retiring.append(Retiring(key, batcher, time.monotonic()))
         logger.info("{}/{} no longer announced; unloading once its requests are done", *key)
         self._changed = True
 
@@ -335,16 +254,16 @@ class Lifecycle:
             self._tasks.put(r)
             self._changed = True
 
-    def _apply(self, event: _Loaded | _Failed | _Freed) -> None:
+    def _apply(self, event: Loaded | Failed | Freed) -> None:
         self._changed = True
-        if isinstance(event, _Freed):
+        if isinstance(event, Freed):
             self.freeing.discard(event.key)
             if event.key not in self.serving and event.key not in self.loading:
                 self.unloaded.add(event.key)
             return
         key = event.key
         self.loading.pop(key, None)
-        if isinstance(event, _Failed):
+        if isinstance(event, Failed):
             self.broken[key] = (event.fingerprint, event.reason)
             logger.error("model {}/{} not loaded: {}", *key, event.reason)
             return
@@ -352,7 +271,7 @@ class Lifecycle:
         if key[1] not in self.wants.get(key[0], {}):
             # No longer wanted while it loaded: free it without ever serving it.
             self.freeing.add(key)
-            self._tasks.put(_Retiring(key, event.batcher, time.monotonic()))
+            self._tasks.put(Retiring(key, event.batcher, time.monotonic()))
             return
         if key in self.engine.batchers:
             self._retire(key)  # the same version with new files: the old session drains
@@ -383,13 +302,13 @@ class Lifecycle:
             self.engine._send(router, p.identity, m.encode(reply))
 
     # ----------------------------------------------------------------- the loader thread
-    def _load(self, key: Key, want: Want) -> _Loaded | _Failed:
+    def _load(self, key: Key, want: Want) -> Loaded | Failed:
         try:
             loaded, instances = self.engine._load_version(want.config, key[1], self.providers)
             warm_up(loaded)
-            return _Loaded(key, want.fingerprint, Counted(loaded, self.engine._reply_from_batcher, instances))
+            return Loaded(key, want.fingerprint, Counted(loaded, self.engine._reply_from_batcher, instances))
         except Exception as exc:
-            return _Failed(key, want.fingerprint, f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
+            return Failed(key, want.fingerprint, f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
 
     def _load_loop(self) -> None:
         while True:
@@ -397,7 +316,7 @@ class Lifecycle:
             if task is None:
                 return
             try:
-                if isinstance(task, _Want):
+                if isinstance(task, WantTask):
                     self._events.put(self._load(task.key, task.want))
                 else:
                     self._free(task)
@@ -405,21 +324,13 @@ class Lifecycle:
                 logger.exception("model loader failed on {}", task)
             task = None
 
-    def _free(self, retired: _Retiring) -> None:
+    def _free(self, retired: Retiring) -> None:
         key, batcher = retired.key, retired.batcher
         batcher.stop()
         batcher.join(timeout=10)
         retired.batcher = None  # type: ignore[assignment]
         del batcher
         gc.collect()
-        _trim()
+        trim()
         logger.info("{}/{} unloaded", *key)
-        self._events.put(_Freed(key))
-
-
-def _trim() -> None:
-    """Hand freed heap back to the OS (glibc keeps it otherwise), so unloading shows in the PSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        self._events.put(Freed(key))
