@@ -380,8 +380,9 @@ def test_errors_have_tritons_codes(app: Appliance, client: tg.InferenceServerCli
     expect_error(lambda: client.infer("pixels", [too_many]), invalid, "batch-size must be <= 8")
     unknown_output = [tg.InferRequestedOutput("nope")]
     expect_error(lambda: client.infer("pixels", good, outputs=unknown_output), invalid, "unexpected inference output")
-    expect_error(lambda: client.load_model("pixels"), grpc.StatusCode.UNAVAILABLE, "explicit model load / unload")
-    expect_error(lambda: client.unload_model("pixels"), grpc.StatusCode.UNAVAILABLE, "explicit model load / unload")
+    # model control mode none (the default): the engine refuses, as over HTTP (frontend/v2/repository.py)
+    expect_error(lambda: client.load_model("pixels"), invalid, "explicit model load / unload is not allowed")
+    expect_error(lambda: client.unload_model("pixels"), invalid, "explicit model load / unload is not allowed")
     expect_error(lambda: client.get_cuda_shared_memory_status(), grpc.StatusCode.UNIMPLEMENTED, "CUDA shared memory")
     # a message past RINGSERVE_MAX_BODY_BYTES (20 MiB) is refused by gRPC itself, before any work
     huge = tg.InferInput("image", [1, 21 * 1024 * 1024], "UINT8")
@@ -479,6 +480,34 @@ def test_api_key_is_metadata(tmp_path: Path) -> None:
             assert error is not None and "API key" in error.message()
             client.stop_stream()
             assert httpx.get(f"{app.url}/health/ready", timeout=5).status_code == 200
+        finally:
+            client.close()
+
+
+def test_explicit_load_and_unload_over_grpc(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_pixel_detector(repo)
+    tiny_classifier(repo)
+    env = {"RINGSERVE_MODEL_CONTROL": "explicit", "RINGSERVE_UNLOAD_GRACE_S": "0.2"}
+    with Appliance(repo, workers=1, env=env) as app:
+        client = tg.InferenceServerClient(app.grpc_url)
+        try:
+            image = tg.InferInput("image", [1, TINY, TINY, 3], "UINT8")
+            image.set_data_from_numpy(np.zeros((1, TINY, TINY, 3), np.uint8))
+            assert client.is_model_ready("tinyclass")
+            client.unload_model("tinyclass")
+            assert not client.is_model_ready("tinyclass") and client.is_model_ready("pixels")
+            states = {m.name: m.state for m in client.get_model_repository_index().models}
+            assert states == {"tinyclass": "UNAVAILABLE", "pixels": "READY"}
+            with grpc.insecure_channel(app.grpc_url) as channel:  # tritonclient has no 'ready' argument
+                ready = rpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
+            assert [m.name for m in ready.models] == ["pixels"]
+            expect_error(lambda: client.infer("tinyclass", [image]), grpc.StatusCode.INVALID_ARGUMENT, "unknown model")
+            client.load_model("tinyclass")
+            assert client.is_model_ready("tinyclass")
+            assert client.infer("tinyclass", [image]).as_numpy("logits").shape == (1, 4)
+            expect_error(lambda: client.load_model("nothing-here"), grpc.StatusCode.INVALID_ARGUMENT, "repository")
+            expect_error(lambda: client.load_model("../etc"), grpc.StatusCode.INVALID_ARGUMENT, "invalid model name")
         finally:
             client.close()
 

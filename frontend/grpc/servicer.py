@@ -25,7 +25,7 @@ from frontend.grpc import convert
 from frontend.grpc.errors import GrpcError, status_of, unimplemented
 from frontend.grpc.infer import Call, model_infer
 from frontend.service import ImageService
-from frontend.v2 import models, stats
+from frontend.v2 import models, repository, stats
 from frontend.v2.schemas import RegisterRequest
 from frontend.v2.state import V2State
 
@@ -82,18 +82,19 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     @rpc_method
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
-        index = models.repository_index(self.client)
-        if request.ready:
-            index = [m for m in index if m["state"] == "READY"]
-        return convert.parse({"models": index}, pb.RepositoryIndexResponse())
+        rows = await repository.index_rows(self.client, request.ready)
+        return convert.parse({"models": rows}, pb.RepositoryIndexResponse())
 
     @rpc_method
     async def RepositoryModelLoad(self, request: Any, context: Any) -> pb.RepositoryModelLoadResponse:
-        raise GrpcError(grpc.StatusCode.UNAVAILABLE, _NO_MODEL_CONTROL.format("load", request.model_name))
+        # As over HTTP: load parameters (config overrides, files) are not supported and not read.
+        await repository.control(self.client, "load", request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
     @rpc_method
     async def RepositoryModelUnload(self, request: Any, context: Any) -> pb.RepositoryModelUnloadResponse:
-        raise GrpcError(grpc.StatusCode.UNAVAILABLE, _NO_MODEL_CONTROL.format("unload", request.model_name))
+        await repository.control(self.client, "unload", request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # ----------------------------------------------------------------- models
     @rpc_method
@@ -228,9 +229,4 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         raise unimplemented("the logging extension is not supported by ringserve (see RINGSERVE_LOG_LEVEL)")
 
 
-# tritonserver's words when its model control mode is NONE (or POLL): the repository is loaded at start.
-_NO_MODEL_CONTROL = (
-    "failed to {} '{}', explicit model load / unload is not allowed: ringserve's engine loads the model "
-    "repository at start (model control mode NONE)"
-)
 _NO_CUDA_SHM = "CUDA shared memory is not supported by ringserve; use system shared memory"

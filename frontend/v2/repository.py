@@ -60,7 +60,10 @@ async def _body(request: Request) -> dict[str, object]:
 
 
 def _model_name(request: Request) -> str:
-    name = str(request.path_params["model"])
+    return check_name(str(request.path_params["model"]))
+
+
+def check_name(name: str) -> str:
     if not name or not set(name) <= _NAME_CHARS or name.startswith("."):
         raise bad(f"invalid model name {name!r}")
     return name
@@ -76,7 +79,12 @@ async def index(request: Request) -> Response:
     ready_only = body.get("ready", False)
     if not isinstance(ready_only, bool):
         raise bad("'ready' must be a boolean")
-    reply = await _ask(_client(request), "index")
+    return Response(orjson.dumps(await index_rows(_client(request), ready_only)), media_type="application/json")
+
+
+async def index_rows(client: EngineClient, ready_only: bool) -> list[dict[str, str]]:
+    """The repository index of the V2 protocol (HTTP and gRPC): every version the engine knows of."""
+    reply = await _ask(client, "index")
     rows = []
     for s in reply.states:
         if ready_only and s.state != "READY":
@@ -87,14 +95,19 @@ async def index(request: Request) -> Response:
         if s.reason:
             row["reason"] = s.reason
         rows.append(row)
-    return Response(orjson.dumps(rows), media_type="application/json")
+    return rows
 
 
 async def _control(request: Request, action: str) -> Response:
     name = _model_name(request)
     await _body(request)  # parameters (config overrides, files) are not supported; a bad body is 400
-    client = _client(request)
-    reply = await _ask(client, action, name)
+    await control(_client(request), action, name)
+    return Response(status_code=200)
+
+
+async def control(client: EngineClient, action: str, name: str) -> None:
+    """Load or unload a model (HTTP and gRPC), answered once done and this worker knows it."""
+    reply = await _ask(client, action, check_name(name))
     if not reply.ok:
         raise bad(reply.detail)
     # The engine told every worker the new model set before it answered; let this worker's copy
@@ -103,7 +116,6 @@ async def _control(request: Request, action: str) -> Response:
     deadline = asyncio.get_running_loop().time() + 2.0
     while {v for n, v in client.models if n == name} != served and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.005)  # a poll with a deadline, not a wait for readiness
-    return Response(status_code=200)
 
 
 async def load(request: Request) -> Response:
