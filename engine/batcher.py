@@ -1,7 +1,8 @@
 """The dynamic batcher: one queue per loaded model version, served by one or more instances.
 
 Each instance (a thread with its own preallocated batch) takes up to max_batch_size requests,
-waiting at most max_queue_delay_ms after the first; drops requests past their deadline; copies each
+waiting at most max_queue_delay_ms after the first and only while another instance runs (see
+``_collect``); drops requests past their deadline; copies each
 slot into its batch (one memcpy per image); runs the session once; decodes with the model's head;
 hands one reply per request back. Several instances run the one shared session concurrently (ONNX
 Runtime allows concurrent ``run`` calls and releases the GIL): on a CPU box, one single-threaded
@@ -45,6 +46,8 @@ class Batcher:
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_limit)
         self._halt = threading.Event()
         self.instances = max(1, instances)
+        self._busy = 0  # instances running a batch now (read without the lock: a hint)
+        self._lock = threading.Lock()
         self._threads = [
             threading.Thread(
                 target=self._serve,
@@ -95,7 +98,13 @@ class Batcher:
             while not self._halt.is_set():
                 jobs = self._collect()
                 if jobs:
-                    self._guarded(jobs, batch)
+                    with self._lock:
+                        self._busy += 1
+                    try:
+                        self._guarded(jobs, batch)
+                    finally:
+                        with self._lock:
+                            self._busy -= 1
         except BaseException:
             # Reached only by a fault outside _guarded (or a BaseException): the engine's loop sees
             # the dead thread through dead() and exits to be restarted rather than serve with a hole.
@@ -113,21 +122,40 @@ class Batcher:
                     self._fail(job, "internal", f"the engine failed on this batch: {type(exc).__name__}: {exc}")
 
     def _collect(self) -> list[Job]:
+        """The next batch: the first job, everything already queued, and company only when it pays.
+
+        A batch waits up to max_queue_delay_ms for more requests only when company is coming: while
+        another instance of this model runs (the wait overlaps useful work, and the next arrivals
+        queue behind that run), or when the batch holds an image of a multi-image request whose
+        other images are on their way (``Infer.grouped``). A request that finds every instance idle runs at once,
+        with whatever is queued beside it: a lone request never sits out the delay (issue 15), and
+        under load the batch fills by itself while the previous one runs (Triton's dynamic batcher
+        waits the full delay; this is closer to continuous batching).
+        """
         try:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:
             return []
         jobs = [first]
         limit = self.model.config.max_batch_size
-        until = time.perf_counter() + self.model.config.max_queue_delay_ms / 1000
         while len(jobs) < limit:
-            remaining = until - time.perf_counter()
             try:
-                jobs.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+                jobs.append(self._queue.get_nowait())
             except queue.Empty:
                 break
+        delay = self.model.config.max_queue_delay_ms / 1000
+        if len(jobs) < limit and delay > 0 and self._company_coming(jobs):
+            until = time.perf_counter() + delay
+            while len(jobs) < limit and (remaining := until - time.perf_counter()) > 0 and self._company_coming(jobs):
+                try:
+                    jobs.append(self._queue.get(timeout=min(remaining, 0.0005)))
+                except queue.Empty:
+                    continue
         self._m_depth.set(self._queue.qsize())
         return jobs
+
+    def _company_coming(self, jobs: list[Job]) -> bool:
+        return self._busy > 0 or any(j.msg.grouped for j in jobs)
 
     def _execute(self, jobs: list[Job], batch: np.ndarray, answered: set[tuple[bytes, int, int]]) -> None:
         now = time.time()

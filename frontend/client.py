@@ -134,6 +134,7 @@ class EngineClient:
         confidence: float = -1.0,
         max_detections: int = 0,
         raw: bool = False,
+        grouped: bool = False,
     ) -> m.Result:
         """Write the pixels into a free slot with ``fill`` and wait for the engine's answer."""
         if not self.is_ready or self.ring is None:
@@ -160,6 +161,7 @@ class EngineClient:
             confidence=confidence,
             max_detections=max_detections,
             raw=raw,
+            grouped=grouped,
         )
         try:
             await self.sock.send(m.encode(msg), zmq.NOBLOCK)

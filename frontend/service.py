@@ -124,7 +124,9 @@ class ImageService:
         limit = self.settings.request_timeout_s
         return req.accepted + min(req.params.timeout_s or limit, limit)
 
-    async def predict(self, req: ImageRequest) -> ImageResult:
+    async def predict(self, req: ImageRequest, *, grouped: bool = False) -> ImageResult:
+        """One image. ``grouped``: it is one of several images of a request, sent together, so the
+        engine's batcher may wait for its company (a lone request never waits)."""
         started = time.perf_counter()
         info = self.model(req.model, req.version)
         deadline = self.deadline(req)
@@ -154,6 +156,7 @@ class ImageService:
             confidence=-1.0 if p.confidence_threshold is None else p.confidence_threshold,
             max_detections=p.max_detections or 0,
             raw=req.raw,
+            grouped=grouped,
         )
         timings = Timings(
             decode_ms=round((filled[0] - started) * 1000, 3),
@@ -178,7 +181,7 @@ class ImageService:
         async def one(req: ImageRequest) -> ImageResult | RingserveError:
             try:
                 async with self._batch_gate:
-                    return await self.predict(req)
+                    return await self.predict(req, grouped=len(reqs) > 1)
             except RingserveError as exc:
                 return exc
             except Exception:  # one image's bug must not lose the other answers

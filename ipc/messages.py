@@ -81,6 +81,7 @@ class Infer(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     confidence: float = -1.0  # < 0: the model's default
     max_detections: int = 0  # 0: the model's default
     raw: bool = False  # also return the model's raw output tensors for this image (V2 protocol)
+    grouped: bool = False  # one image of a multi-image request: more are on their way (batch here)
 
 
 class Detection(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]

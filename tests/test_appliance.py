@@ -70,17 +70,18 @@ def test_every_response_answers_its_own_image(pixel_repo: Path, no_leaks: None) 
         assert all(h["worker"]["ring_in_use"] == 0 for h in health)
 
 
-def test_lone_request_waits_at_most_the_queue_delay(tmp_path: Path, no_leaks: None) -> None:
+def test_lone_request_does_not_wait_for_company(tmp_path: Path, no_leaks: None) -> None:
     repo = tmp_path / "repo"
-    write_pixel_detector(repo, max_batch_size=8, delay_ms=40.0)
+    write_pixel_detector(repo, max_batch_size=8, delay_ms=400.0)
     with Appliance(repo, workers=1) as app:
         for i in range(5):
             body = httpx.post(
                 f"{app.url}/api/v1/predict", content=png(colour(i)), headers={"content-type": "image/png"}
             ).json()
             assert body["batch_size"] == 1
-            # The batcher waits for company at most max_queue_delay_ms (40), then runs.
-            assert body["timings"]["queue_ms"] < 40 + 25, body["timings"]
+            # Nothing else is queued or running: the batcher runs it at once instead of waiting
+            # max_queue_delay_ms (400) for requests that are not coming.
+            assert body["timings"]["queue_ms"] < 200, body["timings"]
 
 
 def test_request_id_is_echoed_and_logged_by_both_processes(pixel_repo: Path, no_leaks: None) -> None:

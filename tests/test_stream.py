@@ -34,7 +34,7 @@ KEY = "stream-test-key"
 AUTH = {"X-API-Key": KEY}
 MAX_BODY = 1_000_000
 MAX_PIXELS = 1_000_000
-SLOW_MS = 500  # the "slow" model's batcher waits this long for company: a lone frame stays in flight
+SLOW_MS = 500  # about the most the "slow" model takes per run: 40 512x512 MatMuls, 0.1-0.4 s here
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -74,7 +74,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     """One appliance for the module: one worker (so /health shows THE ring), an API key, tight limits."""
     repo = tmp_path_factory.mktemp("repo")
     write_pixel_detector(repo)
-    write_pixel_detector(repo, "slow", max_batch_size=8, delay_ms=SLOW_MS)
+    write_pixel_detector(repo, "slow", max_batch_size=8, delay_ms=0.0, busy=40)
     env = {"RINGSERVE_API_KEY": KEY, "RINGSERVE_MAX_BODY_BYTES": str(MAX_BODY), "RINGSERVE_MAX_PIXELS": str(MAX_PIXELS)}
     with Appliance(repo, workers=1, env=env) as appliance:
         pid = worker_health(appliance)["pid"]
