@@ -23,6 +23,7 @@ import time
 import warnings
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from loguru import logger
@@ -117,7 +118,7 @@ def _labels(cache: Path) -> list[str]:
     return labels
 
 
-def _network(weights: Path):  # type: ignore[no-untyped-def]  # a torch.nn.Module; torch is optional
+def _network(weights: Path) -> Any:  # a torch.nn.Module; torch is optional
     try:
         import torch
         from efficientnet_lite_pytorch import EfficientNet

@@ -41,7 +41,7 @@ READY_TIMEOUT_S = 300.0
 
 def wait_engine_ready(address: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> m.Ready:
     """Ask the engine for Ready until it answers, it dies, or ``timeout`` passes."""
-    ctx: zmq.Context = zmq.Context.instance()  # type: ignore[type-arg]
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     deadline = time.monotonic() + timeout
     # Not IMMEDIATE: the Hello waits in the socket until the engine has bound and connected.
     sock = make_socket(ctx, address, zmq.DEALER, bind=False, immediate=False, hwm=4)

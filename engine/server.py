@@ -136,7 +136,7 @@ class Engine:
                 path.unlink(missing_ok=True)
             logger.info("engine {} stopped", self.instance)
 
-    def _loop(self, router: zmq.Socket, replies: zmq.Socket) -> None:  # type: ignore[type-arg]
+    def _loop(self, router: zmq.Socket[bytes], replies: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
@@ -185,13 +185,13 @@ class Engine:
         return dead
 
     # ----------------------------------------------------------------- messages
-    def _send(self, router: zmq.Socket, identity: bytes, payload: bytes) -> None:  # type: ignore[type-arg]
+    def _send(self, router: zmq.Socket[bytes], identity: bytes, payload: bytes) -> None:
         try:
             router.send_multipart([identity, payload], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue is full
             logger.debug("reply to {!r} dropped: {}", identity, exc)
 
-    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:  # type: ignore[type-arg]
+    def _handle(self, router: zmq.Socket[bytes], frames: list[bytes]) -> None:
         if len(frames) != 2:
             logger.warning("dropped a message of {} frames", len(frames))
             return
@@ -231,7 +231,7 @@ class Engine:
             control=self.settings.lifecycle.control,
         )
 
-    def _hello(self, router: zmq.Socket, identity: bytes, msg: m.Hello) -> None:  # type: ignore[type-arg]
+    def _hello(self, router: zmq.Socket[bytes], identity: bytes, msg: m.Hello) -> None:
         registered = False
         if msg.ring and msg.slot_bytes < self.slot_bytes:
             # The worker replaces a ring that is too small once its slots drain (Ready says the size).
@@ -259,7 +259,7 @@ class Engine:
                     logger.info("worker {} registered ring {} ({} slots)", msg.pid, msg.ring, msg.slots)
         self._send(router, identity, m.encode(self.ready_message(registered)))
 
-    def _infer(self, router: zmq.Socket, identity: bytes, msg: m.Infer) -> None:  # type: ignore[type-arg]
+    def _infer(self, router: zmq.Socket[bytes], identity: bytes, msg: m.Infer) -> None:
         try:
             job = self._validate(identity, msg)
             self._route(msg).submit(job)

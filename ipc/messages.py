@@ -10,7 +10,7 @@ import msgspec
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "frozen": True, "tag": True}
 
 
-class InputSpec(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class InputSpec(msgspec.Struct, **_STRUCT):
     """What the frontend needs to prepare pixels for one model version."""
 
     height: int
@@ -20,7 +20,7 @@ class InputSpec(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     resize_short: int = 0  # center-crop: resize the short side to this first (0 = fit the crop)
 
 
-class ModelInfo(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class ModelInfo(msgspec.Struct, **_STRUCT):
     name: str
     version: int
     task: str
@@ -36,7 +36,7 @@ class ModelInfo(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     labels: list[str] = []  # class index -> name (the V2 classification extension's labels)
 
 
-class Hello(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Hello(msgspec.Struct, **_STRUCT):
     """Worker -> engine. Without a ring it only asks for ``Ready`` (to learn the slot size)."""
 
     pid: int
@@ -45,7 +45,7 @@ class Hello(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     slot_bytes: int = 0
 
 
-class ModelState(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class ModelState(msgspec.Struct, **_STRUCT):
     """One version of the repository: LOADING, READY, UNLOADING or UNAVAILABLE (with the reason)."""
 
     name: str
@@ -54,7 +54,7 @@ class ModelState(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     reason: str = ""
 
 
-class Ready(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Ready(msgspec.Struct, **_STRUCT):
     """Engine -> worker: what is served, and whether the worker's ring is registered."""
 
     instance: str
@@ -69,7 +69,7 @@ class Ready(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     control: str = ""  # the model control mode: none | poll | explicit
 
 
-class Infer(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Infer(msgspec.Struct, **_STRUCT):
     req_id: str
     model: str
     version: int
@@ -84,7 +84,7 @@ class Infer(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     grouped: bool = False  # one image of a multi-image request: more are on their way (batch here)
 
 
-class Detection(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Detection(msgspec.Struct, **_STRUCT):
     """A box in model-input pixels (x1, y1, x2, y2); the frontend maps it to the original image."""
 
     x1: float
@@ -96,20 +96,20 @@ class Detection(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     label: str
 
 
-class Classification(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Classification(msgspec.Struct, **_STRUCT):
     class_id: int
     label: str
     score: float
 
 
-class Tensor(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Tensor(msgspec.Struct, **_STRUCT):
     name: str
     dtype: str
     shape: list[int]
     data: bytes
 
 
-class Result(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Result(msgspec.Struct, **_STRUCT):
     req_id: str
     slot: int
     generation: int
@@ -123,7 +123,7 @@ class Result(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     tensors: list[Tensor] = []
 
 
-class Error(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Error(msgspec.Struct, **_STRUCT):
     req_id: str
     slot: int
     generation: int
@@ -131,20 +131,20 @@ class Error(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     detail: str
 
 
-class Heartbeat(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Heartbeat(msgspec.Struct, **_STRUCT):
     """Engine -> registered workers, every heartbeat interval."""
 
     instance: str
     queued: int = 0
 
 
-class Bye(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Bye(msgspec.Struct, **_STRUCT):
     """Worker -> engine on a clean stop: forget my ring."""
 
     pid: int
 
 
-class Control(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Control(msgspec.Struct, **_STRUCT):
     """Any peer -> engine: the repository API. ``action``: index | load | unload."""
 
     req_id: str
@@ -152,7 +152,7 @@ class Control(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     model: str = ""
 
 
-class ControlReply(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class ControlReply(msgspec.Struct, **_STRUCT):
     """Engine -> the peer that sent a Control, once the load or unload is done (or failed)."""
 
     req_id: str

@@ -8,6 +8,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any, TypeVar
 
 import zmq
 
@@ -74,8 +75,11 @@ def socket_path(address: str) -> Path | None:
     return Path(address[len("ipc://") :]) if address.startswith("ipc://") else None
 
 
+_S = TypeVar("_S", bound="zmq.Socket[Any]")  # zmq.Socket, or zmq.asyncio.Socket from its Context
+
+
 def make_socket(
-    ctx: zmq.Context,  # type: ignore[type-arg]
+    ctx: zmq.Context[_S],
     address: str,
     kind: int,
     *,
@@ -85,7 +89,7 @@ def make_socket(
     linger_ms: int = 0,
     immediate: bool = True,
     connect: bool = True,  # False: the caller connects (say after attaching a monitor)
-) -> zmq.Socket:  # type: ignore[type-arg]
+) -> _S:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, hwm)
