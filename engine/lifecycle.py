@@ -21,6 +21,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
 import zmq
 from loguru import logger
 
@@ -125,9 +126,17 @@ class Lifecycle:
         if self._changed:
             self._changed = False
             self._publish_tables()
-            payload = m.encode(self.engine.ready_message(True))
+            ready = self.engine.ready_message(True)
+            payload = m.encode(ready)
             for identity, worker in list(self.engine.workers.items()):
-                if worker.ring is not None:
+                if worker.ring is None:
+                    continue
+                if worker.ring.slot_bytes < ready.slot_bytes:
+                    # Its ring is too small for a new model: it learns only the models its slots
+                    # hold (its registered ring must not change under requests in flight); the
+                    # others reach it when it registers a bigger ring (a worker or engine restart).
+                    self.engine._send(router, identity, m.encode(_fitting(ready, worker.ring.slot_bytes)))
+                else:
                     self.engine._send(router, identity, payload)
         self._answer(router)
 
@@ -334,3 +343,8 @@ class Lifecycle:
         trim()
         logger.info("{}/{} unloaded", *key)
         self._events.put(Freed(key))
+
+
+def _fitting(ready: m.Ready, slot_bytes: int) -> m.Ready:
+    models = [x for x in ready.models if x.input.height * x.input.width * 3 <= slot_bytes]
+    return msgspec.structs.replace(ready, models=models, slot_bytes=slot_bytes)

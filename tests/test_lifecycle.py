@@ -285,3 +285,19 @@ def test_a_change_counts_once_it_has_settled(tmp_path: Path) -> None:
     shutil.rmtree(d)
     gone = snapshot(tmp_path, None)
     assert "pixels" not in stable(gone, snapshot(tmp_path, None), again).wants
+
+
+def test_a_model_bigger_than_the_rings_does_not_disturb_the_others(poll_repo: Path) -> None:
+    """A new model whose input does not fit the workers' ring slots loads in the engine; the
+    workers keep serving the models their rings hold, without a failure (see README)."""
+    env = {**FAST, "RINGSERVE_MODEL_CONTROL": "poll"}
+    with serving(Appliance(poll_repo, workers=1, env=env)) as app:
+        with Traffic(f"{app.url}/api/v1/models/pixels/predict") as traffic:
+            wait_for(lambda: traffic.versions[1] >= 20, 30, "requests answered by pixels")
+            write_pixel_detector(poll_repo, "wide", size=320)
+            wait_for(lambda: "wide/1 ready" in app.log(), 30, "the engine to load the wide model")
+            seen = traffic.versions[1]
+            wait_for(lambda: traffic.versions[1] >= seen + 50, 30, "pixels serving on")
+        assert not traffic.failures, traffic.failures[:5]
+        body = httpx.get(f"{app.url}/health").json()
+        assert body["status"] == "healthy" and "pixels/1" in body["models"], body
