@@ -37,12 +37,17 @@ class ModelInfo(msgspec.Struct, **_STRUCT):
 
 
 class Hello(msgspec.Struct, **_STRUCT):
-    """Worker -> engine. Without a ring it only asks for ``Ready`` (to learn the slot size)."""
+    """Worker -> engine. Without a ring it only asks for ``Ready`` (to learn the slot size).
+
+    ``replaces``: the worker's registered ring that this bigger one replaces while serving; the
+    engine keeps the old one mapped until its queued requests are answered.
+    """
 
     pid: int
     ring: str = ""
     slots: int = 0
     slot_bytes: int = 0
+    replaces: str = ""
 
 
 class ModelState(msgspec.Struct, **_STRUCT):
@@ -55,7 +60,11 @@ class ModelState(msgspec.Struct, **_STRUCT):
 
 
 class Ready(msgspec.Struct, **_STRUCT):
-    """Engine -> worker: what is served, and whether the worker's ring is registered."""
+    """Engine -> worker: what is served, and whether the worker's ring is registered.
+
+    ``slot_bytes`` is what a ring slot must hold for every model in ``models``: a worker whose ring
+    is smaller serves the models that fit and replaces its ring for the others.
+    """
 
     instance: str
     models: list[ModelInfo]
@@ -67,6 +76,7 @@ class Ready(msgspec.Struct, **_STRUCT):
     # Also sent to every registered worker whenever the model set changes (engine/lifecycle.py).
     states: list[ModelState] = []  # every version the engine knows of, served or not
     control: str = ""  # the model control mode: none | poll | explicit
+    ring: str = ""  # the ring of the Hello this answers ("": an announcement of a new model set)
 
 
 class Infer(msgspec.Struct, **_STRUCT):
@@ -82,6 +92,7 @@ class Infer(msgspec.Struct, **_STRUCT):
     max_detections: int = 0  # 0: the model's default
     raw: bool = False  # also return the model's raw output tensors for this image (V2 protocol)
     grouped: bool = False  # one image of a multi-image request: more are on their way (batch here)
+    ring: str = ""  # the sender's ring the slot is in ("": its registered ring)
 
 
 class Detection(msgspec.Struct, **_STRUCT):

@@ -141,7 +141,9 @@ def _create(size: int) -> tuple[str, int]:
 class Ring:
     """The worker's side: creates the segment and hands out free slots."""
 
-    def __init__(self, slots: int, slot_bytes: int) -> None:
+    def __init__(self, slots: int, slot_bytes: int, first_generation: int = 0) -> None:
+        """``first_generation``: above every generation of a ring this one replaces, so that a reply's
+        (slot, generation) names one ring of the worker's."""
         if slots < 1 or slot_bytes < 1:
             raise ValueError("a ring needs at least one slot of at least one byte")
         self.slots = slots
@@ -157,7 +159,7 @@ class Ring:
             os.close(fd)
         self._buf = np.frombuffer(self._mmap, dtype=np.uint8)
         self._free: deque[int] = deque(range(self.slots))
-        self.generation = [0] * self.slots
+        self.generation = [first_generation] * self.slots
 
     @property
     def in_use(self) -> int:
