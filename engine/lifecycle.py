@@ -21,7 +21,6 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-import msgspec
 import zmq
 from loguru import logger
 
@@ -126,17 +125,11 @@ class Lifecycle:
         if self._changed:
             self._changed = False
             self._publish_tables()
-            ready = self.engine.ready_message(True)
-            payload = m.encode(ready)
+            # Every model, with the slot size they need: a worker whose ring is smaller serves the
+            # models that fit and registers a bigger ring for the others (frontend/rings.py).
+            payload = m.encode(self.engine.ready_message(True))
             for identity, worker in list(self.engine.workers.items()):
-                if worker.ring is None:
-                    continue
-                if worker.ring.slot_bytes < ready.slot_bytes:
-                    # Its ring is too small for a new model: it learns only the models its slots
-                    # hold (its registered ring must not change under requests in flight); the
-                    # others reach it when it registers a bigger ring (a worker or engine restart).
-                    self.engine._send(router, identity, m.encode(_fitting(ready, worker.ring.slot_bytes)))
-                else:
+                if worker.ring is not None:
                     self.engine._send(router, identity, payload)
         self._answer(router)
 
@@ -343,8 +336,3 @@ class Lifecycle:
         trim()
         logger.info("{}/{} unloaded", *key)
         self._events.put(Freed(key))
-
-
-def _fitting(ready: m.Ready, slot_bytes: int) -> m.Ready:
-    models = [x for x in ready.models if x.input.height * x.input.width * 3 <= slot_bytes]
-    return msgspec.structs.replace(ready, models=models, slot_bytes=slot_bytes)

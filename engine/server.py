@@ -25,9 +25,10 @@ from engine.control import LifecycleSettings
 from engine.lifecycle import Lifecycle
 from engine.repository import ModelConfig
 from engine.session import ProviderUnavailable, choose_providers, quiet_ort
+from engine.workers import Worker, map_ring
 from ipc import messages as m
 from ipc.errors import BadInput, DeadlineExceeded, EngineUnavailable, ModelNotFound, RingserveError
-from ipc.ring import MappedRing, pid_alive, remove_orphans
+from ipc.ring import pid_alive, remove_orphans
 from ipc.sockets import (
     STARTS_FILE,
     RunDirBusy,
@@ -52,13 +53,6 @@ class EngineSettings:
     providers: str = "auto"  # auto | cpu | cuda
     heartbeat_s: float = 0.2
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
-
-
-@dataclass
-class Worker:
-    pid: int
-    ring: MappedRing | None = None
-    busy: set[int] = field(default_factory=set)
 
 
 class Engine:
@@ -126,8 +120,7 @@ class Engine:
             for batcher in batchers:
                 batcher.join(timeout=5)
             for worker in self.workers.values():
-                if worker.ring is not None:
-                    worker.ring.close()
+                worker.close()
             router.close()
             replies.close()
             self._ctx.term()
@@ -147,12 +140,12 @@ class Engine:
             if replies in events:
                 while True:
                     try:
-                        identity, slot, payload = replies.recv_multipart(zmq.NOBLOCK)
+                        identity, ring, slot, payload = replies.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     worker = self.workers.get(identity)
                     if worker is not None:
-                        worker.busy.discard(int(slot))
+                        worker.answered(ring.decode(), int(slot))
                     self._send(router, identity, payload)
             if router in events:
                 for _ in range(256):
@@ -217,47 +210,40 @@ class Engine:
         """What a ring slot must hold: the largest input of every model served."""
         return max((int(np.prod(b.model.input_shape)) for b in self.batchers.values()), default=1)
 
-    def ready_message(self, registered: bool) -> m.Ready:
-        slot_bytes = self.slot_bytes
+    def ready_message(self, registered: bool, ring: str = "") -> m.Ready:
         return m.Ready(
             instance=self.instance,
             models=[b.model.info for b in self.batchers.values()],
             providers=self.providers,
-            slot_bytes=slot_bytes,
+            slot_bytes=self.slot_bytes,
             registered=registered,
             restarts=self.restarts,
             failed=self.failed,
             states=self.lifecycle.states(),
             control=self.settings.lifecycle.control,
+            ring=ring,
         )
 
     def _hello(self, router: zmq.Socket[bytes], identity: bytes, msg: m.Hello) -> None:
-        registered = False
-        if msg.ring and msg.slot_bytes < self.slot_bytes:
-            # The worker replaces a ring that is too small once its slots drain (Ready says the size).
-            self._forget(identity)
-            logger.info(
-                "refused ring {} of pid {}: {} bytes per slot, the models need {}",
-                msg.ring,
-                msg.pid,
-                msg.slot_bytes,
-                self.slot_bytes,
-            )
-        elif msg.ring:
-            self._forget(identity)
-            try:
-                ring = MappedRing(msg.ring, msg.slots, msg.slot_bytes)
-            except (BadInput, OSError) as exc:
-                logger.warning("refused ring {} of pid {}: {}", msg.ring, msg.pid, exc)
-            else:
-                if ring.owner_pid != msg.pid:
-                    ring.close()
-                    logger.warning("refused ring {}: it is not pid {}'s", msg.ring, msg.pid)
-                else:
-                    self.workers[identity] = Worker(msg.pid, ring)
+        worker = self.workers.get(identity)
+        current = worker.ring.name if worker is not None and worker.ring is not None else None
+        if worker is not None and msg.replaces and msg.pid == worker.pid and current in (msg.ring, msg.replaces):
+            # A bigger ring while serving (or the same Hello again): the old ring's jobs run on.
+            registered = current == msg.ring
+            if not registered:
+                ring = map_ring(msg, self.slot_bytes)
+                if ring is not None:
+                    worker.replace(ring)
                     registered = True
-                    logger.info("worker {} registered ring {} ({} slots)", msg.pid, msg.ring, msg.slots)
-        self._send(router, identity, m.encode(self.ready_message(registered)))
+                    logger.info("worker {} replaced ring {} by {}", msg.pid, msg.replaces, msg.ring)
+        else:
+            self._forget(identity)
+            ring = map_ring(msg, self.slot_bytes) if msg.ring else None
+            if ring is not None:
+                self.workers[identity] = Worker(msg.pid, ring)
+                logger.info("worker {} registered ring {} ({} slots)", msg.pid, msg.ring, msg.slots)
+            registered = ring is not None
+        self._send(router, identity, m.encode(self.ready_message(registered, msg.ring)))
 
     def _infer(self, router: zmq.Socket[bytes], identity: bytes, msg: m.Infer) -> None:
         try:
@@ -287,6 +273,8 @@ class Engine:
             raise ModelNotFound(f"model {msg.model} version {msg.version} is not loaded")
         if (msg.height, msg.width, 3) != batcher.model.input_shape:
             raise BadInput(f"shape {msg.height}x{msg.width} does not match the model input")
+        if msg.ring and msg.ring != worker.ring.name:
+            raise BadInput(f"ring {msg.ring} is not this worker's registered ring {worker.ring.name}")
         if msg.slot in worker.busy:
             raise BadInput(f"slot {msg.slot} is already in use by a queued request")
         pixels = worker.ring.view(msg.slot, batcher.model.input_shape)
@@ -301,13 +289,13 @@ class Engine:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(_REPLIES)
             self._local.push = sock
-        sock.send_multipart([job.identity, b"%d" % job.msg.slot, m.encode(msg)])
+        sock.send_multipart([job.identity, job.msg.ring.encode(), b"%d" % job.msg.slot, m.encode(msg)])
 
     # ----------------------------------------------------------------- workers
     def _forget(self, identity: bytes) -> None:
         worker = self.workers.pop(identity, None)
-        if worker is not None and worker.ring is not None:
-            worker.ring.close()
+        if worker is not None:
+            worker.close()
 
     def _forget_dead_workers(self) -> None:
         for identity, worker in list(self.workers.items()):

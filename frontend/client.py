@@ -1,10 +1,12 @@
 """The worker's view of the engine: a DEALER socket, its ring, and the handshake state.
 
 States: not ready (sending Hello every HELLO_EVERY_S) -> ready (a connected socket, a registered
-ring whose slots hold every model's input, heartbeats arriving). A closed connection (seen at once
-through the socket's monitor), a heartbeat gap longer than ``heartbeat_timeout_s`` or a new engine
-instance id means the engine is gone: every in-flight request fails at once with EngineUnavailable,
-all slots come back, and the handshake starts again. The worker itself never needs a restart.
+ring, heartbeats arriving). A model whose input does not fit the ring's slots is served once a
+bigger ring replaces it (frontend/rings.py); meanwhile a request for it is a 503. A closed
+connection (seen at once through the socket's monitor), a heartbeat gap longer than
+``heartbeat_timeout_s`` or a new engine instance id means the engine is gone: every in-flight
+request fails at once with EngineUnavailable, all slots come back, and the handshake starts again.
+The worker itself never needs a restart.
 
 Ready means the send path works: with IMMEDIATE, a send on a socket whose connection is gone fails
 at once, so readiness follows the connection itself, not only the last handshake. Each background
@@ -29,6 +31,7 @@ from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
 from frontend.background import Supervised
+from frontend.rings import Rings, input_bytes
 from ipc import messages as m
 from ipc.errors import DeadlineExceeded, EngineUnavailable, ModelNotFound, QueueFull, from_reason
 from ipc.ring import Ring
@@ -63,23 +66,30 @@ class EngineClient:
         # The monitor before the connect: a handshake it did not see would leave us never ready.
         self._monitor_sock = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(self.address)
-        self.ring: Ring | None = None
+        self.rings = Rings(slots)
         self.ready: m.Ready | None = None
         self.instance = ""
         self.models: dict[tuple[str, int], m.ModelInfo] = {}
         self.latest: dict[str, int] = {}
+        self.upcoming: dict[tuple[str, int], m.ModelInfo] = {}  # served by the engine, too big for our ring
         self.pending: dict[tuple[int, int], Pending] = {}
         self.engine_losses = 0
         self.connected = False
-        self.fault = ""  # why this worker cannot serve although the engine is there (say /dev/shm full)
         self._last_seen = 0.0
         self._last_hello = 0.0
         self._tasks = Supervised()
         self._on_ring_change = on_ring_change or (lambda in_use, slots: None)
 
+    @property
+    def fault(self) -> str:  # why this worker cannot serve although the engine is there
+        return self.rings.fault
+
+    @property
+    def ring(self) -> Ring | None:  # the registered ring: new requests take their slots from it
+        return self.rings.current
+
     def _ring_changed(self) -> None:
-        if self.ring is not None:
-            self._on_ring_change(self.ring.in_use, self.ring.slots)
+        self._on_ring_change(self.rings.in_use, self.slots if self.ring is not None else 0)
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -97,9 +107,7 @@ class EngineClient:
         self._monitor_sock.close(linger=0)
         self.sock.close(linger=0)
         self.ctx.term()
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+        self.rings.close()
 
     @property
     def is_ready(self) -> bool:
@@ -108,21 +116,20 @@ class EngineClient:
     @property
     def ring_fits(self) -> bool:
         """Our ring's slots hold the input of every model the engine serves."""
-        needed = max((x.input.height * x.input.width * 3 for x in self.models.values()), default=0)
+        needed = max(map(input_bytes, self.models.values()), default=0)
         return self.ring is not None and self.ring.slot_bytes >= needed
 
     # ----------------------------------------------------------------- requests
     def resolve(self, model: str, version: int | None) -> m.ModelInfo:
         if not self.is_ready:
             raise EngineUnavailable(self.fault or "the engine is not connected")
-        if version is None:
-            if model not in self.latest:
-                raise ModelNotFound(f"model {model!r} is not served")
-            version = self.latest[model]
-        info = self.models.get((model, version))
-        if info is None:
-            raise ModelNotFound(f"model {model!r} version {version} is not served")
-        return info
+        info = self.models.get((model, self.latest.get(model, 0) if version is None else version))
+        if info is not None:
+            return info
+        if any(n == model and version in (None, v) for n, v in self.upcoming):
+            why = self.fault or "its ring is being replaced to fit it"
+            raise EngineUnavailable(f"model {model!r} is served but not yet by this worker: {why}")
+        raise ModelNotFound(f"model {model!r} {'' if version is None else f'version {version} '}is not served")
 
     async def infer(
         self,
@@ -137,6 +144,7 @@ class EngineClient:
         grouped: bool = False,
     ) -> m.Result:
         """Write the pixels into a free slot with ``fill`` and wait for the engine's answer."""
+        timeout = await self.rings.settle(timeout)  # while a bigger ring is being registered
         if not self.is_ready or self.ring is None:
             raise EngineUnavailable(self.fault or "the engine is not connected")
         ring = self.ring
@@ -162,6 +170,7 @@ class EngineClient:
             max_detections=max_detections,
             raw=raw,
             grouped=grouped,
+            ring=ring.name,
         )
         try:
             await self.sock.send(m.encode(msg), zmq.NOBLOCK)
@@ -214,9 +223,8 @@ class EngineClient:
                     self._lost("the connection to the engine closed")
 
     def _complete(self, msg: m.Result | m.Error) -> None:
-        if self.ring is not None:
-            self.ring.release(msg.slot, msg.generation)
-            self._ring_changed()
+        self.rings.release(msg.slot, msg.generation)
+        self._ring_changed()
         pending = self.pending.pop((msg.slot, msg.generation), None)
         if pending is None or pending.future.done():
             return
@@ -230,40 +238,27 @@ class EngineClient:
     def _on_ready(self, msg: m.Ready) -> None:
         if self.ready is not None and msg.instance != self.instance:
             self._lost(f"engine instance changed to {msg.instance}")
-        fits = self.ring is not None and self.ring.slot_bytes >= msg.slot_bytes
-        if msg.registered and fits:
-            if self.ready is None:
-                logger.info("engine {} ready: {} models", msg.instance, len(msg.models))
-            self.ready, self.instance = msg, msg.instance
-            self.models = {(x.name, x.version): x for x in msg.models}
-            self.latest = {}
-            for x in msg.models:
-                self.latest[x.name] = max(x.version, self.latest.get(x.name, 0))
-            return
-        if fits:
-            return  # refused for another reason (logged by the engine): Hello again at the next tick
-        self._replace_ring(msg.slot_bytes)
-
-    def _replace_ring(self, slot_bytes: int) -> None:
-        """A ring whose slots hold ``slot_bytes``, once every slot of the old one is back."""
-        if self.ring is not None:
-            if self.ring.in_use:
-                return
-            self.ring.close()
-            self.ring = None
+        if self.rings.next is not None and msg.ring == self.rings.next.name:
+            self.rings.end(msg.registered)  # the engine took our bigger ring, or refused it (it logs why)
             self._ring_changed()
-        try:
-            self.ring = Ring(self.slots, slot_bytes)
-        except OSError as exc:
-            if str(exc) != self.fault:
-                logger.error("cannot create this worker's ring: {}", exc)
-            self.fault = str(exc)
-            return
-        if self.fault:
-            logger.info("ring created: {}", self.ring.name)
-        self.fault = ""
-        self._ring_changed()
-        self._last_hello = 0.0  # register the new ring on the next watch tick
+        ring = self.ring
+        # Not ready, only the answer to our Hello counts; ready, announcements of the model set too.
+        answers = ring is not None and (msg.ring == ring.name or (self.ready is not None and not msg.ring))
+        if msg.registered and ring is not None and answers:
+            self._serve(msg)
+        elif not msg.registered and self.ready is None and (ring is None or ring.slot_bytes < msg.slot_bytes):
+            if self.rings.fresh(msg.slot_bytes):  # once every slot of the old one is back
+                self._ring_changed()
+                self._last_hello = 0.0  # register the new ring on the next watch tick
+        # else refused for another reason (logged by the engine): Hello again at the next tick
+
+    def _serve(self, msg: m.Ready) -> None:
+        """The models our ring's slots hold are served now; the others after a bigger ring."""
+        if self.ready is None:
+            logger.info("engine {} ready: {} models", msg.instance, len(msg.models))
+        self.ready, self.instance = msg, msg.instance
+        self.models, self.upcoming = self.rings.split(msg.models)
+        self.latest = {name: max(v for n, v in self.models if n == name) for name, _ in self.models}
 
     async def _watch(self) -> None:
         while True:
@@ -271,7 +266,10 @@ class EngineClient:
             now = time.monotonic()
             if self.ready is not None and now - self._last_seen > self.heartbeat_timeout_s:
                 self._lost(f"no heartbeat for {now - self._last_seen:.2f}s")
-            if self.ready is None and now - self._last_hello > HELLO_EVERY_S:
+            hello = None
+            if self.ready is not None:  # a bigger ring when a model needs one (frontend/rings.py)
+                hello = self.rings.resize(max(map(input_bytes, self.upcoming.values()), default=0), now)
+            elif now - self._last_hello > HELLO_EVERY_S:
                 self._last_hello = now
                 ring = self.ring
                 hello = (
@@ -279,6 +277,7 @@ class EngineClient:
                     if ring is not None and not ring.in_use
                     else m.Hello(os.getpid())
                 )
+            if hello is not None:
                 with contextlib.suppress(zmq.Again):
                     await self.sock.send(m.encode(hello), zmq.NOBLOCK)
 
@@ -287,9 +286,8 @@ class EngineClient:
         self.engine_losses += 1
         self.ready = None
         self._fail_all("the engine is unavailable")
-        if self.ring is not None:
-            self.ring.release_all()
-            self._ring_changed()
+        self.rings.reset()
+        self._ring_changed()
 
     def _fail_all(self, why: str) -> None:
         pending, self.pending = self.pending, {}

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from engine.repository import load_config
 from engine.watch import snapshot, stable
-from tests.harness import Appliance, wait_for
+from tests.harness import Appliance, segments, wait_for
 from tests.models import pixel_detector_onnx, write_pixel_detector
 from tests.test_yolo import serving
 
@@ -287,17 +287,44 @@ def test_a_change_counts_once_it_has_settled(tmp_path: Path) -> None:
     assert "pixels" not in stable(gone, snapshot(tmp_path, None), again).wants
 
 
-def test_a_model_bigger_than_the_rings_does_not_disturb_the_others(poll_repo: Path) -> None:
-    """A new model whose input does not fit the workers' ring slots loads in the engine; the
-    workers keep serving the models their rings hold, without a failure (see README)."""
+def test_a_model_bigger_than_the_rings_is_served_by_every_worker_and_disturbs_no_other(
+    poll_repo: Path, no_leaks: None
+) -> None:
+    """A new model whose input does not fit the workers' ring slots: each worker replaces its ring
+    while serving (the old one drains, then is unlinked) and serves it; the other model's requests
+    never fail meanwhile and /health/ready stays 200 (see README)."""
     env = {**FAST, "RINGSERVE_MODEL_CONTROL": "poll"}
-    with serving(Appliance(poll_repo, workers=1, env=env)) as app:
+    with serving(Appliance(poll_repo, workers=2, env=env)) as app:
+        app.wait_all_workers_ready()
+        workers = set(app.worker_pids())
         with Traffic(f"{app.url}/api/v1/models/pixels/predict") as traffic:
             wait_for(lambda: traffic.versions[1] >= 20, 30, "requests answered by pixels")
             write_pixel_detector(poll_repo, "wide", size=320)
-            wait_for(lambda: "wide/1 ready" in app.log(), 30, "the engine to load the wide model")
+            serving_wide: set[int] = set()
+
+            def every_worker_serves_wide() -> bool:
+                body = httpx.get(f"{app.url}/health", timeout=5).json()
+                if "wide/1" in body["models"]:
+                    serving_wide.add(body["worker"]["pid"])
+                return workers <= serving_wide
+
+            wait_for(every_worker_serves_wide, 60, "every worker to serve the wide model")
+            for _ in range(10):  # whichever worker takes it
+                r = httpx.post(
+                    f"{app.url}/api/v1/models/wide/predict", content=png(), headers={"content-type": "image/png"}
+                )
+                assert r.status_code == 200 and r.json()["model"]["name"] == "wide", r.text
             seen = traffic.versions[1]
-            wait_for(lambda: traffic.versions[1] >= seen + 50, 30, "pixels serving on")
+            wait_for(lambda: traffic.versions[1] >= seen + 20, 30, "pixels serving on")
         assert not traffic.failures, traffic.failures[:5]
+        assert app.log().count("replaced ring") >= len(workers), "each worker replaced its ring while serving"
+        # Each worker's replaced ring was unlinked once its slots were back: one segment per worker.
+        wait_for(
+            lambda: (
+                sorted(int(s.split("-")[2]) for s in segments() if int(s.split("-")[2]) in workers) == sorted(workers)
+            ),
+            10,
+            "one ring per worker",
+        )
         body = httpx.get(f"{app.url}/health").json()
-        assert body["status"] == "healthy" and "pixels/1" in body["models"], body
+        assert body["status"] == "healthy" and {"pixels/1", "wide/1"} <= set(body["models"]), body
