@@ -127,7 +127,8 @@ class Batcher:
         A batch waits up to max_queue_delay_ms for more requests only when company is coming: while
         another instance of this model runs (the wait overlaps useful work, and the next arrivals
         queue behind that run), or when the batch holds an image of a multi-image request whose
-        other images are on their way (``Infer.grouped``). A request that finds every instance idle runs at once,
+        other images are on their way (``Infer.grouped``); or always, where model.toml says
+        ``wait_alone = true`` (Triton's dynamic batcher). A request that finds every instance idle runs at once,
         with whatever is queued beside it: a lone request never sits out the delay (issue 15), and
         under load the batch fills by itself while the previous one runs (Triton's dynamic batcher
         waits the full delay; this is closer to continuous batching).
@@ -155,7 +156,7 @@ class Batcher:
         return jobs
 
     def _company_coming(self, jobs: list[Job]) -> bool:
-        return self._busy > 0 or any(j.msg.grouped for j in jobs)
+        return self.model.config.wait_alone or self._busy > 0 or any(j.msg.grouped for j in jobs)
 
     def _execute(self, jobs: list[Job], batch: np.ndarray, answered: set[tuple[bytes, int, int]]) -> None:
         now = time.time()

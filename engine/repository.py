@@ -59,6 +59,7 @@ class ModelConfig:
     num_classes: int = 0  # yolo/classify: classes of the output (0: unknown, from the labels)
     max_batch_size: int = 1
     max_queue_delay_ms: float = 2.0
+    wait_alone: bool = False  # wait the delay even when no company is coming (Triton's behaviour)
     queue_limit: int = 64
     versions: tuple[int, ...] = ()  # on disk
     policy: str = "all"  # all | latest | specific: which of ``versions`` are served
@@ -215,6 +216,7 @@ def load_config(directory: Path) -> ModelConfig:
         num_classes=num_classes or len(labels),
         max_batch_size=max_batch,
         max_queue_delay_ms=bat.positive("max_queue_delay_ms", float, 2.0, zero=True),
+        wait_alone=bat.get("wait_alone", bool, False),
         queue_limit=bat.positive("queue_limit", int, 64),
         versions=versions,
         policy=chosen,

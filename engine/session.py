@@ -93,9 +93,13 @@ def probe_ms(session: Session, shape: tuple[int, int, int]) -> float:
 NO_REUSE_SUBGRAPH_NODES = 1000
 
 
-def session_options(threads: int, mem_reuse: bool = True) -> ort.SessionOptions:
+def session_options(threads: int, mem_reuse: bool = True, cpu_arena: bool = True) -> ort.SessionOptions:
+    """``cpu_arena=False`` on the CPU: ORT's arena grows to the largest batch ever run and keeps it
+    (EfficientNet-Lite0: +73 MB of PSS between batch 1 and batch 8, measured with ORT 1.31), while
+    plain malloc hands it back; per run it measured the same (10.3 ms either way, batch 1)."""
     opts = ort.SessionOptions()
     opts.enable_mem_reuse = mem_reuse
+    opts.enable_cpu_mem_arena = cpu_arena
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads
@@ -120,7 +124,7 @@ class OrtSession:
         cache: OrtCache | None = None,
         mem_reuse: bool = True,
     ):
-        options = session_options(threads, mem_reuse)
+        options = session_options(threads, mem_reuse, cpu_arena=CUDA in providers)
         self._session, self.cache_hit = create_session(model, options, providers, cache)
         self.providers: list[str] = self._session.get_providers()
         inputs = {i.name: i for i in self._session.get_inputs()}

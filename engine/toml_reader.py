@@ -39,7 +39,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     ),
     "head.": ("layout", "num_classes", "softmax"),
     "thresholds.": ("confidence", "iou", "max_detections", "top_k"),
-    "batching.": ("max_batch_size", "max_queue_delay_ms", "queue_limit"),
+    "batching.": ("max_batch_size", "max_queue_delay_ms", "wait_alone", "queue_limit"),
     "version_policy.": ("all", "latest", "specific"),
     "warmup.": ("runs", "batch_sizes", "data"),
 }

@@ -35,7 +35,7 @@ from frontend.rings import Rings, input_bytes
 from ipc import messages as m
 from ipc.errors import DeadlineExceeded, EngineUnavailable, ModelNotFound, QueueFull, from_reason
 from ipc.ring import Ring
-from ipc.sockets import engine_address, make_socket
+from ipc.sockets import DEFAULT_HWM, engine_address, make_socket
 
 HELLO_EVERY_S = 0.25
 WATCH_EVERY_S = 0.05
@@ -177,7 +177,10 @@ class EngineClient:
         except zmq.Again:
             ring.release(slot, generation)
             self._ring_changed()
-            if not self.connected:
+            # With IMMEDIATE, EAGAIN means either a full pipe or no pipe at all. The pipe holds
+            # at most the requests still pending (each holds a slot), so below the high-water
+            # mark it is no pipe: the engine just died and the monitor has not said so yet.
+            if not self.connected or len(self.pending) < DEFAULT_HWM:
                 raise EngineUnavailable("the connection to the engine closed") from None
             raise QueueFull("the engine's socket queue is full") from None
         future: asyncio.Future[m.Result] = asyncio.get_running_loop().create_future()

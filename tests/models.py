@@ -95,6 +95,7 @@ def write_pixel_detector(
     delay_ms: float = 5.0,
     queue_limit: int = 256,
     busy: int = 0,
+    wait_alone: bool = False,
 ) -> Path:
     directory = repo / name
     for v in versions:
@@ -120,6 +121,7 @@ max_detections = 10
 max_batch_size = {max_batch_size}
 max_queue_delay_ms = {delay_ms}
 queue_limit = {queue_limit}
+wait_alone = {str(wait_alone).lower()}
 """
     )
     return directory

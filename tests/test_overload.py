@@ -119,8 +119,9 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     before = segments()
     repo: Path = tmp_path_factory.mktemp("overload") / "repo"
     write_pixel_detector(repo)
-    write_pixel_detector(repo, "held", max_batch_size=64, delay_ms=HELD_MS)
-    write_pixel_detector(repo, "late", max_batch_size=64, delay_ms=LATE_MS)
+    # The batcher holds every request of these two for the whole delay (wait_alone).
+    write_pixel_detector(repo, "held", max_batch_size=64, delay_ms=HELD_MS, wait_alone=True)
+    write_pixel_detector(repo, "late", max_batch_size=64, delay_ms=LATE_MS, wait_alone=True)
     slow = write_pixel_detector(repo, "slow", max_batch_size=1, delay_ms=0.0, queue_limit=2)
     onnx.save(slow_detector_onnx(), str(slow / "1" / "model.onnx"))
     env = {"RINGSERVE_RING_SLOTS": str(SLOTS), "RINGSERVE_REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
