@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from engine.ortcache import OrtCache
 from engine.repository import ModelConfig
-from engine.session import CUDA, NO_REUSE_SUBGRAPH_NODES, OrtSession, Session, plan_instances, probe_ms
+from engine.session import NO_REUSE_SUBGRAPH_NODES, OrtSession, Session, plan_instances
 from ipc.messages import InputSpec, ModelInfo
+
+if TYPE_CHECKING:
+    from engine.graph import Prepared  # engine.graph imports onnx: only where a model is prepared
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,18 @@ def model_info(cfg: ModelConfig, version: int, session: Session) -> ModelInfo:
 
 
 def load(
-    cfg: ModelConfig, version: int, providers: list[str], threads: int, *, cache: OrtCache | None = None
+    cfg: ModelConfig,
+    version: int,
+    providers: list[str],
+    threads: int,
+    *,
+    cache: OrtCache | None = None,
+    prepared: Prepared | None = None,
 ) -> LoadedModel:
     from engine.graph import prepare_model
 
     started = time.perf_counter()
-    prepared = prepare_model(cfg, cfg.onnx_path(version))
+    prepared = prepared or prepare_model(cfg, cfg.onnx_path(version))
     session = OrtSession(
         prepared.data,
         "",
@@ -93,25 +103,18 @@ class Plan:
 def load_planned(
     cfg: ModelConfig, version: int, providers: list[str], plan: Plan, cache: OrtCache | None
 ) -> tuple[LoadedModel, int]:
-    """Load with the instance and thread plan that suits the model (see plan_instances)."""
-    if providers[0] == CUDA or (plan.instances and plan.threads):
-        instances, threads = plan_instances(providers, plan.instances, plan.threads, 0.0)
-        return load(cfg, version, providers, threads, cache=cache), instances
-    single = load(cfg, version, providers, 1, cache=cache)
-    try:
-        run_ms = probe_ms(single.session, single.input_shape)
-    except Exception as exc:  # the model's own checks at serving time will say more
-        logger.warning("{}/{}: probe run failed ({}); planning as a light model", cfg.name, version, exc)
-        run_ms = 0.0
-    instances, threads = plan_instances(providers, plan.instances, plan.threads, run_ms)
+    """Load with the instance and thread plan that suits the model's graph (see plan_instances)."""
+    from engine.graph import prepare_model
+
+    prepared = prepare_model(cfg, cfg.onnx_path(version))
+    sequential = prepared.subgraph_nodes >= NO_REUSE_SUBGRAPH_NODES
+    instances, threads = plan_instances(providers, plan.instances, plan.threads, sequential)
     logger.info(
-        "{}/{}: {:.1f} ms per single-threaded run: {} instance(s) x {} intra-op thread(s)",
+        "{}/{}: {} graph: {} instance(s) x {} intra-op thread(s)",
         cfg.name,
         version,
-        run_ms,
+        "loop-bound" if sequential else "parallel",
         instances,
         threads,
     )
-    if threads == 1:
-        return single, instances
-    return load(cfg, version, providers, threads, cache=cache), instances
+    return load(cfg, version, providers, threads, cache=cache, prepared=prepared), instances

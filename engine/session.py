@@ -8,7 +8,6 @@ burn the cores the workers need for decoding.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -55,35 +54,25 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-HEAVY_MS = 15.0  # a single-threaded run at least this long is "heavy": one instance per core
-
-
-def plan_instances(providers: list[str], instances: int, threads: int, run_ms: float) -> tuple[int, int]:
+def plan_instances(providers: list[str], instances: int, threads: int, sequential: bool) -> tuple[int, int]:
     """(instances per model, intra-op threads per instance); 0 in either means: choose.
 
-    ``run_ms`` is a measured single-threaded, batch-1 run of the model. On the CPU a heavy model
-    gets one single-threaded instance per core: on a 2-core box the SSD detector (40-70 ms) gives
-    25 images/s through ringserve that way against 17 with one 2-thread instance, because its NMS
-    loop does not parallelise inside the graph. A light model (a few ms) gets one instance with a
-    thread per core: there the engine's Python work per request is comparable to the model's, and
-    two instances contending for the GIL served 157 requests/s against 202 with one.
-    CUDA: one instance (its IOBinding buffers are per session, and the GPU batches).
+    Chosen from the graph's structure, not from a timed probe run (a probe on a busy box measured
+    EfficientNet-Lite0 at 35 ms instead of 4.4 and planned it as heavy). ``sequential``: most of
+    the graph runs inside Loop/If bodies (the SSD's NMS loop), which ORT's intra-op threads do not
+    parallelise, so the CPU gets one single-threaded instance per core: on this 2-core box the SSD
+    gives 25 images/s that way against 17 with one 2-thread instance. Any other graph gets one
+    instance with a thread per core: EfficientNet-Lite0 through ringserve (2 workers, c=16)
+    measured 282 req/s at 299 MB PSS against 297 req/s at 343 MB with two 1-thread instances, and
+    one instance keeps the memory goal. CUDA: one instance (its IOBinding buffers are per session,
+    and the GPU batches).
     """
     cores = default_threads()
     if providers[0] == CUDA:
         return 1, threads or cores
     if not instances:
-        instances = cores if run_ms >= HEAVY_MS else 1
+        instances = cores if sequential else 1
     return instances, threads or max(1, cores // instances)
-
-
-def probe_ms(session: Session, shape: tuple[int, int, int]) -> float:
-    """Milliseconds of one batch-1 run on zeros (the second of two: the first warms up)."""
-    batch = np.zeros((1, *shape), dtype=np.uint8)
-    session.run(batch)
-    started = time.perf_counter()
-    session.run(batch)
-    return (time.perf_counter() - started) * 1000
 
 
 # ORT's allocation planner looks for a reusable buffer for every value of every subgraph; on the
