@@ -86,3 +86,17 @@ class V2Route(APIRoute):
                 return to_response(request, exc)
 
         return handle
+
+
+# What the schema promises for errors: Triton's ``{"error": "..."}`` with its status codes (above).
+_ERROR_BODY = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": what, "content": {"application/json": {"schema": _ERROR_BODY}}}
+    for code, what in (
+        (400, "invalid request or unknown model"),
+        (401, "missing or wrong API key"),
+        (404, "not found"),
+        (500, "internal error"),
+        (503, "engine unavailable or overloaded"),
+    )
+}

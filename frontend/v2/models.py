@@ -104,8 +104,3 @@ def config(client: EngineClient, info: ModelInfo) -> dict[str, Any]:
             ),
         },
     }
-
-
-def repository_index(client: EngineClient) -> list[dict[str, str]]:
-    state = "READY" if client.is_ready else "UNAVAILABLE"
-    return [{"name": n, "version": str(v), "state": state} for n, v in sorted(client.models)]

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from frontend.body import read_limited
 from frontend.client import EngineClient
-from frontend.v2.errors import V2Error, V2Route, bad
+from frontend.v2.errors import ERRORS, V2Error, V2Route, bad
 from ipc import messages as m
 from ipc.errors import EngineUnavailable
 from ipc.sockets import make_socket
@@ -128,7 +128,10 @@ async def unload(request: Request) -> Response:
 
 def make_router() -> APIRouter:
     router = APIRouter(route_class=V2Route, tags=["v2"])
-    router.add_api_route("/v2/repository/index", index, methods=["POST"], response_class=Response)
-    router.add_api_route("/v2/repository/models/{model}/load", load, methods=["POST"], response_class=Response)
-    router.add_api_route("/v2/repository/models/{model}/unload", unload, methods=["POST"], response_class=Response)
+    for path, endpoint in (
+        ("/v2/repository/index", index),
+        ("/v2/repository/models/{model}/load", load),
+        ("/v2/repository/models/{model}/unload", unload),
+    ):
+        router.add_api_route(path, endpoint, methods=["POST"], response_class=Response, responses=ERRORS)
     return router

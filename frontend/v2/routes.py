@@ -15,7 +15,7 @@ from frontend.client import EngineClient
 from frontend.errors import request_id
 from frontend.settings import Settings
 from frontend.v2 import classification, codec, infer, inputs, models, outputs, schemas, stats
-from frontend.v2.errors import V2Error, V2Route, bad
+from frontend.v2.errors import ERRORS, V2Error, V2Route, bad
 from frontend.v2.settings import V2Settings
 from frontend.v2.state import V2State
 from ipc.messages import ModelInfo
@@ -51,9 +51,6 @@ class V2Api:
         client = _client(request)
         # Triton answers readiness with 200 or 400 (the V2 protocol: "4xx indicates false").
         return Response(status_code=200 if client.is_ready and client.models else 400)
-
-    async def repository_index(self, request: Request) -> Response:
-        return _json(models.repository_index(_client(request)))
 
     # ----------------------------------------------------------------- models
     async def model_metadata(self, request: Request) -> Response:
@@ -143,20 +140,6 @@ class V2Api:
         raise bad(f"{request.method} {request.url.path} is not supported by ringserve")
 
 
-# What the schema promises for errors: Triton's ``{"error": "..."}`` with its status codes (errors.py).
-_ERROR_BODY = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"description": what, "content": {"application/json": {"schema": _ERROR_BODY}}}
-    for code, what in (
-        (400, "invalid request or unknown model"),
-        (401, "missing or wrong API key"),
-        (404, "not found"),
-        (500, "internal error"),
-        (503, "engine unavailable or overloaded"),
-    )
-}
-
-
 def make_router(settings: Settings) -> APIRouter:
     """The V2 router of one worker; its settings are read here, at the app factory."""
     api = V2Api(V2State(settings, V2Settings()))
@@ -168,7 +151,6 @@ def make_router(settings: Settings) -> APIRouter:
         ("/v2", api.server_metadata, get),
         ("/v2/health/live", api.live, get),
         ("/v2/health/ready", api.ready, get),
-        ("/v2/repository/index", api.repository_index, post),
         ("/v2/models/stats", api.model_stats, get),  # before {model}, which would match "stats"
         (f"{model}/stats", api.model_stats, get),
         (f"{version}/stats", api.model_stats, get),
@@ -187,7 +169,7 @@ def make_router(settings: Settings) -> APIRouter:
         ("/v2/systemsharedmemory/region/{region}/unregister", api.shm_unregister, post),
     ]
     for path, endpoint, methods in table:
-        router.add_api_route(path, endpoint, methods=methods, response_class=Response, responses=_ERRORS)
+        router.add_api_route(path, endpoint, methods=methods, response_class=Response, responses=ERRORS)
     # Last: any other /v2 path or method answers a V2 error, not the REST shape.
     router.add_api_route(
         "/v2/{rest:path}", api.unsupported, methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False
