@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -31,13 +32,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics_path = ensure_env(settings.run_dir)  # before prometheus_client is imported
     from frontend import metrics
 
+    app = FastAPI(
+        title="ringserve",
+        version=_version(),
+        description="Image inference appliance: detections and classes over REST.",
+        lifespan=_lifespan(settings, metrics_path),
+        default_response_class=JSONResponse,
+    )
+    app.state.settings = settings
+    app.state.count_error = lambda reason: metrics.ERRORS.labels(reason).inc()
+    app.state.observe_decode = metrics.DECODE.observe
+    install_state(app, settings)  # frontend/state/: inside RequestContext (after the key check)
+    _middleware(app, settings)
+    errors.install(app)
+    for router in (
+        predict.router,
+        batch.router,
+        stream.router,
+        deepstack.router,
+        models.router,
+        health.router,
+        v2_repository.make_router(),  # before the V2 router and its catch-all
+        v2_router(settings),
+        metrics.router,
+        console.router,
+    ):
+        app.include_router(router)
+    return app
+
+
+def _lifespan(settings: Settings, metrics_path: Path) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    from frontend import metrics
+
     def ring_changed(in_use: int, slots: int) -> None:
         metrics.RING_IN_USE.set(in_use)
         metrics.RING_SLOTS.set(slots)
-
-    def observe(route: str, method: str, status: int, seconds: float) -> None:
-        metrics.REQUESTS.labels(route, method, str(status)).inc()
-        metrics.DURATION.labels(route).observe(seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,17 +91,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.service.close()
             await client.close()
 
-    app = FastAPI(
-        title="ringserve",
-        version=_version(),
-        description="Image inference appliance: detections and classes over REST.",
-        lifespan=lifespan,
-        default_response_class=JSONResponse,
-    )
-    app.state.settings = settings
-    app.state.count_error = lambda reason: metrics.ERRORS.labels(reason).inc()
-    app.state.observe_decode = metrics.DECODE.observe
-    install_state(app, settings)  # frontend/state/: inside RequestContext (after the key check)
+    return lifespan
+
+
+def _middleware(app: FastAPI, settings: Settings) -> None:
+    from frontend import metrics
+
+    def observe(route: str, method: str, status: int, seconds: float) -> None:
+        metrics.REQUESTS.labels(route, method, str(status)).inc()
+        metrics.DURATION.labels(route).observe(seconds)
+
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
@@ -84,18 +112,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allowed_origins=settings.cors_origins,
         allowed_hosts=settings.allowed_hosts,
     )
-    errors.install(app)
-    app.include_router(predict.router)
-    app.include_router(batch.router)
-    app.include_router(stream.router)
-    app.include_router(deepstack.router)
-    app.include_router(models.router)
-    app.include_router(health.router)
-    app.include_router(v2_repository.make_router())  # before the V2 router and its catch-all
-    app.include_router(v2_router(settings))
-    app.include_router(metrics.router)
-    app.include_router(console.router)
-    return app
 
 
 def _version() -> str:

@@ -22,7 +22,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from frontend.routes.console import History, Snapshot, page, quantile, snapshot_of, summarise
+from frontend.console_stats import History, Snapshot, quantile, snapshot_of
+from frontend.routes.console import page, summarise
 from tests.harness import ROOT, Appliance, wait_for
 from tests.models import expected_box, write_pixel_detector
 from tests.photos import photo
