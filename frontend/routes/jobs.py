@@ -20,6 +20,7 @@ from frontend.errors import error_response, request_id
 from frontend.jsonresp import JSONResponse
 from frontend.openapi import ERRORS, image_body
 from frontend.routes.batch import read_batch
+from frontend.routes.model_routes import add_model_routes
 from frontend.schemas import PredictJSON
 from frontend.schemas_batch import MAX_BATCH_IMAGES, BatchJSON
 from frontend.state import jobs
@@ -103,60 +104,35 @@ async def _submit(request: Request, kind: str, name: str, version: int | None) -
 _ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"model": JobAccepted}, **_ERRORS}
 
 
-@router.post(
-    "/api/v1/predict/async", status_code=202, response_model=JobAccepted, responses=_ACCEPTED, openapi_extra=_SINGLE
-)
-async def predict_async(request: Request) -> Response:
-    """As ``POST /api/v1/predict``, as a job: 202 with its id; poll ``status_url``."""
-    return await _submit(request, "single", request.app.state.settings.default_model, None)
-
-
-@router.post(
-    "/api/v1/models/{name}/predict/async",
-    status_code=202,
-    response_model=JobAccepted,
-    responses=_ACCEPTED,
-    openapi_extra=_SINGLE,
-)
-async def predict_model_async(request: Request, name: str) -> Response:
-    """As ``POST /api/v1/models/{name}/predict``, as a job."""
-    return await _submit(request, "single", name, None)
-
-
-@router.post(
-    "/api/v1/models/{name}/versions/{version}/predict/async",
-    status_code=202,
-    response_model=JobAccepted,
-    responses=_ACCEPTED,
-    openapi_extra=_SINGLE,
-)
-async def predict_version_async(request: Request, name: str, version: int) -> Response:
-    """As ``POST /api/v1/models/{name}/versions/{version}/predict``, as a job."""
+async def _submit_single(request: Request, name: str, version: int | None) -> Response:
     return await _submit(request, "single", name, version)
 
 
-@router.post(
-    "/api/v1/predict/batch/async",
-    status_code=202,
-    response_model=JobAccepted,
-    responses=_ACCEPTED,
-    openapi_extra=_BATCH,
-)
-async def predict_batch_async(request: Request) -> Response:
-    """As ``POST /api/v1/predict/batch`` (up to 32 images), as one job; progress counts images."""
-    return await _submit(request, "batch", request.app.state.settings.default_model, None)
+async def _submit_batch(request: Request, name: str, version: int | None) -> Response:
+    return await _submit(request, "batch", name, version)
 
 
-@router.post(
-    "/api/v1/models/{name}/predict/batch/async",
-    status_code=202,
+# The async twins of the sync routes, declared as those are: default model, a model, one version.
+add_model_routes(
+    router,
+    "predict/async",
+    _submit_single,
     response_model=JobAccepted,
+    openapi_extra=_SINGLE,
+    what="As the sync predict route, as a job: 202 with its id; poll status_url. Predicts",
+    status_code=202,
     responses=_ACCEPTED,
-    openapi_extra=_BATCH,
 )
-async def predict_batch_model_async(request: Request, name: str) -> Response:
-    """As ``POST /api/v1/models/{name}/predict/batch``, as one job."""
-    return await _submit(request, "batch", name, None)
+add_model_routes(
+    router,
+    "predict/batch/async",
+    _submit_batch,
+    response_model=JobAccepted,
+    openapi_extra=_BATCH,
+    what="As the sync batch route (up to 32 images), as one job; progress counts images. Predicts",
+    status_code=202,
+    responses=_ACCEPTED,
+)
 
 
 async def _visible(request: Request, job_id: str) -> jobs.JobView:

@@ -27,6 +27,8 @@ def add_model_routes(
     response_model: type[Any],
     openapi_extra: dict[str, Any],
     what: str,
+    status_code: int = 200,
+    responses: dict[int | str, dict[str, Any]] | None = None,
 ) -> None:
     """Register the three routes of ``action`` (e.g. "predict"); ``what`` is what they answer."""
 
@@ -60,6 +62,7 @@ def add_model_routes(
             name=name,
             description=description,
             response_model=response_model,
-            responses=ERRORS,
+            status_code=status_code,
+            responses=ERRORS if responses is None else responses,
             openapi_extra=openapi_extra,
         )
