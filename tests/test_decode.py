@@ -51,11 +51,18 @@ def test_a_job_past_its_deadline_in_the_queue_is_never_run() -> None:
         assert pool.images == 1  # the late job, never started, is out of the queue
         gate.set()
         assert await first == "blocker"
-        await asyncio.sleep(0.1)
+        await _drained(pool)
         assert ran == ["blocker"] and pool.images == 0 and pool.bytes == 0
         pool.close()
 
     asyncio.run(go())
+
+
+async def _drained(pool: DecodePool, timeout: float = 5.0) -> None:
+    """Until the pool has counted its finished decodes out (its thread does that after the answer)."""
+    deadline = time.monotonic() + timeout
+    while (pool.images or pool.bytes) and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
 
 
 def test_the_queue_refuses_at_once_past_its_bounds() -> None:
@@ -70,7 +77,7 @@ def test_the_queue_refuses_at_once_past_its_bounds() -> None:
             await pool.run(lambda: None, 1, far)  # a third image
         gate.set()
         await asyncio.gather(*held)
-        await asyncio.sleep(0.05)
+        await _drained(pool)
         gate.clear()
         big = asyncio.create_task(pool.run(lambda: gate.wait(10), 500, far))  # alone: admitted
         await asyncio.sleep(0)
@@ -93,10 +100,7 @@ def test_a_started_decode_stays_counted_after_its_waiter_gave_up() -> None:
         with pytest.raises(QueueFull):  # the decode still runs: the bound holds for the thread
             await pool.run(lambda: None, 10, time.monotonic() + 5)
         gate.set()
-        for _ in range(100):
-            if pool.images == 0:
-                break
-            await asyncio.sleep(0.01)
+        await _drained(pool)
         assert pool.images == 0
         await pool.run(lambda: None, 10, time.monotonic() + 5)
         pool.close()
