@@ -42,28 +42,50 @@ def test_repeats_are_answered_from_the_cache_on_every_worker(pixel_repo: Path, n
         hits = counter_by_pid(app.run_dir / "metrics", "ringserve_cache", outcome="hit")
         assert len([p for p, n in hits.items() if n > 0]) == 2, hits  # both workers found it
 
+        # Recency is written by each worker's background writer within FLUSH_EVERY_S, so every
+        # step below waits for the writes it depends on to land before the next one (an eviction
+        # in that window sees the older recency: the LRU is exact only once the writes settle).
+        db = data_dir(pixel_repo) / "cache.db"
+
+        def keys() -> set[bytes]:
+            return {bytes(k) for (k,) in query(db, "SELECT key FROM entry")}  # type: ignore[arg-type]
+
+        def used(key: bytes) -> float:
+            rows = query(db, "SELECT used FROM entry WHERE key = ?", key)
+            return float(rows[0][0]) if rows else -1.0  # type: ignore[arg-type]
+
+        def landed(known: set[bytes]) -> bytes:
+            wait_for(lambda: len(keys() - known) == 1, 10, "the new answer to be stored")
+            return (keys() - known).pop()
+
+        (red,) = keys()
         # other parameters, another key; the batch route uses the cache too
         other = _post(app.url, image, confidence_threshold=0.95)
         assert "cached" not in other and other["detections"] == []
+        other_key = landed({red})
         batch = httpx.post(
             f"{app.url}/api/v1/predict/batch", files=[("images", ("a.png", image, "image/png"))], timeout=30
         ).json()
         assert batch["results"][0]["cached"] is True
+        wait_for(lambda: used(red) > used(other_key), 10, "the batch hit to mark red as used")
 
-        # LRU within the bound of 3 entries: the red image (recently used) stays, older ones go
-        for rgb in (GREEN, BLUE):
-            _post(app.url, png(rgb))
+        # LRU within the bound of 3 entries: the least recently used answer goes, in the same
+        # write that stores the fourth
+        _post(app.url, png(GREEN))
+        green = landed({red, other_key})
+        _post(app.url, png(BLUE))
+        blue = landed({red, other_key, green})
+        assert keys() == {red, green, blue}  # "other" was the least recently used
         _post(app.url, image)  # touch red
+        wait_for(lambda: used(red) > used(blue), 10, "the hit to mark red as used")
         _post(app.url, png((1, 2, 3)))
-        db = data_dir(pixel_repo) / "cache.db"
-
-        def bounded() -> bool:
-            return (
-                query(db, "SELECT COUNT(*) FROM entry")[0][0] == 3
-                and metric(httpx.get(f"{app.url}/metrics").text, "ringserve_cache_total", outcome="eviction") >= 2
-            )
-
-        wait_for(bounded, 10, "evictions down to 3 entries")
+        newest = landed({red, green, blue, other_key})
+        assert keys() == {red, blue, newest}  # green went; red, touched, stays
+        wait_for(
+            lambda: metric(httpx.get(f"{app.url}/metrics").text, "ringserve_cache_total", outcome="eviction") >= 2,
+            10,
+            "the evictions to be counted",
+        )
         assert _post(app.url, image)["cached"] is True
 
         # the entries of a model version that is not served die (here: planted by hand)

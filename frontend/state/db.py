@@ -180,7 +180,7 @@ def open_db(path: Path, migrations: Migrations, busy_timeout_ms: int) -> sqlite3
     conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _journal_mode_wal(conn, busy_timeout_ms)
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
         conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across a process crash
@@ -191,6 +191,21 @@ def open_db(path: Path, migrations: Migrations, busy_timeout_ms: int) -> sqlite3
         raise
     path.chmod(0o600)
     return conn
+
+
+def _journal_mode_wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> str:
+    """Switch to WAL, retried until the busy timeout: SQLite answers "locked" at once, without its
+    busy handler, while another connection is switching the same new file (workers starting together)."""
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    pause = 0.001
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def migrate(conn: sqlite3.Connection, migrations: Migrations) -> int:
