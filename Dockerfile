@@ -59,16 +59,19 @@ RUN groupadd --system --gid 10001 ringserve \
     && install -d -o ringserve -g ringserve -m 0700 /run/ringserve
 COPY --from=build /src/models /models
 COPY supervisord.conf /app/supervisord.conf
-# RINGSERVE_RUN_DIR is required by supervisord.conf; the other settings have defaults (README).
+# Every setting has a default (README); these are the image's paths and the address to listen on.
 ENV PATH=/opt/venv/bin:$PATH \
     RINGSERVE_MODEL_REPO=/models \
     RINGSERVE_RUN_DIR=/run/ringserve \
     RINGSERVE_HOST=0.0.0.0 \
-    RINGSERVE_PORT=8000
+    RINGSERVE_PORT=8000 \
+    RINGSERVE_GRPC_PORT=8001
 # numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd
 USER 10001:10001
-WORKDIR /app
-EXPOSE 8000
+# supervisord keeps its pid file and control socket in its working directory (supervisord.conf)
+WORKDIR /run/ringserve
+# HTTP (REST, V2, DeepStack, WebSocket, /metrics) and Triton's gRPC
+EXPOSE 8000 8001
 # Ready = the engine is connected with its models (503 before); urllib raises on a 503, so no curl.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:' + os.environ.get('RINGSERVE_PORT', '8000') + '/health/ready', timeout=2)"]

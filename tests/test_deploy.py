@@ -223,8 +223,13 @@ def test_supervisord_conf_programs() -> None:
         assert program["stopasgroup"] == program["killasgroup"] == "true"
         assert program["stdout_logfile"] == "/dev/stdout" and program["stdout_logfile_maxbytes"] == "0"
         assert program["stderr_logfile"] == "/dev/stderr" and program["stderr_logfile_maxbytes"] == "0"
-    assert conf["unix_http_server"]["file"] == "%(ENV_RINGSERVE_RUN_DIR)s/supervisor.sock"
-    assert conf["supervisorctl"]["serverurl"] == "unix://%(ENV_RINGSERVE_RUN_DIR)s/supervisor.sock"
+    # no variable to set: supervisord's own files are in its working directory (the image's WORKDIR)
+    assert "%(ENV_" not in CONF.read_text()
+    assert conf["unix_http_server"]["file"] == "supervisor.sock"
+    assert conf["supervisorctl"]["serverurl"] == "unix://supervisor.sock"
+    runtime = stages(DOCKERFILE)["runtime"]
+    assert [a for k, a in runtime if k == "WORKDIR"][-1] == "/run/ringserve"
+    assert any(k == "RUN" and "install -d -o ringserve -g ringserve -m 0700 /run/ringserve" in a for k, a in runtime)
 
 
 def test_serve_and_supervisord_build_one_uvicorn_command_line(tmp_path: Path) -> None:
@@ -247,12 +252,13 @@ def test_serve_and_supervisord_build_one_uvicorn_command_line(tmp_path: Path) ->
 def test_supervisord_accepts_the_conf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from supervisor.options import ServerOptions
 
-    monkeypatch.setenv("RINGSERVE_RUN_DIR", str(tmp_path))
+    monkeypatch.delenv("RINGSERVE_RUN_DIR", raising=False)  # supervisord.conf needs no variable
+    monkeypatch.chdir(tmp_path)
     options = ServerOptions()
     options.realize(["-c", str(CONF)])
     names = {p.name for g in options.process_group_configs for p in g.process_configs}
     assert names == {"engine", "frontend", "fatal"}
-    assert options.pidfile == str(tmp_path / "supervisord.pid")
+    assert options.pidfile == str(tmp_path / "supervisord.pid")  # in the directory it starts in
 
 
 # --------------------------------------------------------------------------- Kubernetes
@@ -299,10 +305,9 @@ def test_probes_hit_real_routes_on_the_container_port(tmp_path: Path) -> None:
     for get in probes:
         assert get["port"] in ports or get["port"] in ports.values()
     env = {e["name"]: e.get("value") for e in c["env"]}
-    [port] = ports.values()
-    assert env["RINGSERVE_PORT"] == str(port)
+    assert env["RINGSERVE_PORT"] == str(ports["http"]) and env["RINGSERVE_GRPC_PORT"] == str(ports["grpc"])
     exposed = [a for k, a in stages(DOCKERFILE)["runtime"] if k == "EXPOSE"]
-    assert exposed == [str(port)]
+    assert exposed == [" ".join(str(p) for p in ports.values())]
     service = one("Service")
     assert service["spec"]["selector"].items() <= one("Deployment")["spec"]["template"]["metadata"]["labels"].items()
     for p in service["spec"]["ports"]:

@@ -38,10 +38,13 @@ class Supervisord:
         # short: the engine socket's path must fit in sun_path (108 bytes)
         self.run_dir = Path(tempfile.mkdtemp(prefix="rs-sv-"))
         self.log_path = self.run_dir.with_suffix(".log")
+        # No RINGSERVE_RUN_DIR: supervisord.conf needs no variable. supervisord keeps its pid file
+        # and socket in its working directory (run_dir), the engine socket goes to the default
+        # run dir, here under XDG_RUNTIME_DIR=run_dir so that this box is alone in it.
         self.env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "RINGSERVE_RUN_DIR"},
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "RINGSERVE_RUN_DIR": str(self.run_dir),
+            "XDG_RUNTIME_DIR": str(self.run_dir),
             "RINGSERVE_MODEL_REPO": str(repo),
             "RINGSERVE_DEFAULT_MODEL": "pixels",
             "RINGSERVE_HOST": "127.0.0.1",
@@ -90,6 +93,7 @@ class Supervisord:
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(BIN / "supervisorctl"), "-c", str(CONF), *args],
+            cwd=self.run_dir,  # where supervisord keeps its socket
             env=self.env,
             capture_output=True,
             text=True,
@@ -114,7 +118,7 @@ class Supervisord:
         """No process of the tree, no socket, no pid file, no segment of its workers."""
         _, alive = psutil.wait_procs(list(self.seen.values()), timeout=10)
         assert not alive, f"processes left: {alive}\n{self.log()}"
-        assert not list(self.run_dir.glob("*.sock")), "sockets left in the run dir"
+        assert not list(self.run_dir.rglob("*.sock")), "sockets left in the run dirs"
         assert not (self.run_dir / "supervisord.pid").exists()
         # no_leaks checks all of /dev/shm; this names ours, should other processes use it meanwhile
         ours = {name for name in segments() if int(name.split("-")[2]) in self.seen}
