@@ -1,6 +1,6 @@
 """The dynamic batcher: one queue per loaded model version, served by one or more instances.
 
-Each instance (a thread with its own preallocated batch) takes up to max_batch_size requests,
+Each instance (a thread with its own preallocated batch) takes up to ``batch_limit`` requests,
 waiting at most max_queue_delay_ms after the first and only while another instance runs (see
 ``_collect``); drops requests past their deadline; copies each
 slot into its batch (one memcpy per image); runs the session once; decodes with the model's head;
@@ -51,7 +51,7 @@ class Batcher:
         self._threads = [
             threading.Thread(
                 target=self._serve,
-                args=(np.empty((cfg.max_batch_size, *model.input_shape), dtype=np.uint8),),
+                args=(np.empty((model.batch_limit, *model.input_shape), dtype=np.uint8),),
                 name=f"batcher-{cfg.name}-{model.version}-{k}",
                 daemon=True,
             )
@@ -138,7 +138,7 @@ class Batcher:
         except queue.Empty:
             return []
         jobs = [first]
-        limit = self.model.config.max_batch_size
+        limit = self.model.batch_limit
         while len(jobs) < limit:
             try:
                 jobs.append(self._queue.get_nowait())

@@ -46,6 +46,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=_env("INSTANCES", "0"),
         help="concurrent runs per model on the CPU (0: one per core)",
     )
+    p.add_argument(
+        "--cpu-max-batch",
+        type=int,
+        default=_env("CPU_MAX_BATCH", "-1"),
+        help="largest batch an instance runs on the CPU (-1: 2, measured; 0: the model's max_batch_size)",
+    )
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default=_env("PROVIDERS", "auto"))
     control.add_arguments(p)  # model control mode, polling, unload grace, ORT cache
 
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                 models=[m for m in args.models.split(",") if m],
                 threads=args.threads,
                 instances=args.instances,
+                cpu_max_batch=args.cpu_max_batch,
                 providers=args.providers,
                 lifecycle=control.from_args(args),
             )

@@ -90,6 +90,8 @@ class Launcher:
             str(a.threads),
             "--instances",
             str(a.instances),
+            "--cpu-max-batch",
+            str(a.cpu_max_batch),
             "--providers",
             a.providers,
             *control.argv(a),

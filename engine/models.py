@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from engine.ortcache import OrtCache
 from engine.repository import ModelConfig
-from engine.session import NO_REUSE_SUBGRAPH_NODES, OrtSession, Session, plan_instances
+from engine.session import NO_REUSE_SUBGRAPH_NODES, OrtSession, Session, plan_batch, plan_instances
 from ipc.messages import InputSpec, ModelInfo
 
 if TYPE_CHECKING:
@@ -24,6 +24,11 @@ class LoadedModel:
     session: Session
     info: ModelInfo
     load_seconds: float
+    max_batch: int = 0  # the largest batch the batcher forms (plan_batch); 0: max_batch_size
+
+    @property
+    def batch_limit(self) -> int:
+        return self.max_batch or self.config.max_batch_size
 
     @property
     def key(self) -> tuple[str, int]:
@@ -98,6 +103,7 @@ def load(
 class Plan:
     instances: int = 0  # concurrent runners per model version; 0: auto (see plan_instances)
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: auto
+    cpu_max_batch: int = -1  # the largest batch on the CPU (plan_batch); -1: CPU_MAX_BATCH, 0: the model's
 
 
 def load_planned(
@@ -109,12 +115,15 @@ def load_planned(
     prepared = prepare_model(cfg, cfg.onnx_path(version))
     sequential = prepared.subgraph_nodes >= NO_REUSE_SUBGRAPH_NODES
     instances, threads = plan_instances(providers, plan.instances, plan.threads, sequential)
+    batch = plan_batch(providers, cfg.max_batch_size, *([plan.cpu_max_batch] if plan.cpu_max_batch >= 0 else []))
     logger.info(
-        "{}/{}: {} graph: {} instance(s) x {} intra-op thread(s)",
+        "{}/{}: {} graph: {} instance(s) x {} intra-op thread(s), batches of up to {}",
         cfg.name,
         version,
         "loop-bound" if sequential else "parallel",
         instances,
         threads,
+        batch,
     )
-    return load(cfg, version, providers, threads, cache=cache, prepared=prepared), instances
+    loaded = load(cfg, version, providers, threads, cache=cache, prepared=prepared)
+    return replace(loaded, max_batch=batch), instances

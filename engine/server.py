@@ -50,6 +50,7 @@ class EngineSettings:
     models: list[str] = field(default_factory=list)
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: auto (see plan_instances)
     instances: int = 0  # concurrent runners per model version; 0: auto (see plan_instances)
+    cpu_max_batch: int = -1  # the largest batch on the CPU; -1: CPU_MAX_BATCH, 0: the model's (plan_batch)
     providers: str = "auto"  # auto | cpu | cuda
     heartbeat_s: float = 0.2
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
@@ -83,7 +84,7 @@ class Engine:
         self, cfg: ModelConfig, version: int, providers: list[str]
     ) -> tuple[model_loader.LoadedModel, int]:
         """Load with the instance and thread plan that suits the model (see plan_instances)."""
-        plan = model_loader.Plan(self.settings.instances, self.settings.threads)
+        plan = model_loader.Plan(self.settings.instances, self.settings.threads, self.settings.cpu_max_batch)
         return model_loader.load_planned(cfg, version, providers, plan, self.ort_cache)
 
     def request_stop(self, *_: object) -> None:

@@ -57,22 +57,37 @@ def default_threads() -> int:
 def plan_instances(providers: list[str], instances: int, threads: int, sequential: bool) -> tuple[int, int]:
     """(instances per model, intra-op threads per instance); 0 in either means: choose.
 
-    Chosen from the graph's structure, not from a timed probe run (a probe on a busy box measured
-    EfficientNet-Lite0 at 35 ms instead of 4.4 and planned it as heavy). ``sequential``: most of
-    the graph runs inside Loop/If bodies (the SSD's NMS loop), which ORT's intra-op threads do not
-    parallelise, so the CPU gets one single-threaded instance per core: on this 2-core box the SSD
-    gives 25 images/s that way against 17 with one 2-thread instance. Any other graph gets one
-    instance with a thread per core: EfficientNet-Lite0 through ringserve (2 workers, c=16)
-    measured 282 req/s at 299 MB PSS against 297 req/s at 343 MB with two 1-thread instances, and
-    one instance keeps the memory goal. CUDA: one instance (its IOBinding buffers are per session,
-    and the GPU batches).
+    CPU: one single-threaded instance per core, for every graph. The instances share the one
+    session (ORT allows concurrent runs and releases the GIL), so a second instance costs its
+    activations, not a copy of the weights. On this 2-core box the engine shares the cores with the
+    HTTP workers, and an intra-op thread pool is a barrier per operator: whenever a worker takes
+    one core, the pool's other thread waits. Measured through ringserve (2 workers, c=16, ORT 1.31):
+    EfficientNet-Lite0 80 req/s with one 2-thread instance against 107 with two 1-thread ones; the
+    SSD (``sequential``: most of its graph runs inside its NMS Loop, which intra-op threads do not
+    parallelise at all) 25 images/s against 17. CUDA: one instance (its IOBinding buffers are per
+    session, and the GPU batches).
     """
     cores = default_threads()
     if providers[0] == CUDA:
         return 1, threads or cores
     if not instances:
-        instances = cores if sequential else 1
+        instances = cores
     return instances, threads or max(1, cores // instances)
+
+
+# The largest batch an instance runs on the CPU, whatever model.toml allows (0: the model's own).
+# ORT's CPU kernels gain little from a batch, and a big one falls out of the caches: images/s of one
+# single-threaded session, ORT 1.31 on this box, batch 1 / 2 / 4 / 8: EfficientNet-Lite0 99 / 109 /
+# 106 / 85, the SSD 19.8 / 20.1 / 17.3 / -; through ringserve (Lite0, two instances, c=16) max batch
+# 8 / 4 / 2 gave 98 / 107 / 114 req/s. On the GPU the model's max_batch_size holds.
+CPU_MAX_BATCH = 2
+
+
+def plan_batch(providers: list[str], max_batch_size: int, cpu_max_batch: int = CPU_MAX_BATCH) -> int:
+    """The largest batch the batcher forms for a model (see CPU_MAX_BATCH)."""
+    if providers[0] == CUDA or cpu_max_batch <= 0:
+        return max_batch_size
+    return max(1, min(max_batch_size, cpu_max_batch))
 
 
 # ORT's allocation planner looks for a reusable buffer for every value of every subgraph; on the

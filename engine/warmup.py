@@ -42,7 +42,8 @@ def warm_up(loaded: LoadedModel) -> float:
         return 0.0
     started = time.perf_counter()
     rng = np.random.default_rng(0)
-    for size in cfg.warmup_sizes():
+    sizes = sorted({min(size, loaded.batch_limit) for size in cfg.warmup_sizes()})  # the batches it will run
+    for size in sizes:
         shape = (size, *loaded.input_shape)
         batch = np.zeros(shape, np.uint8) if cfg.warmup_data == "zeros" else rng.integers(0, 256, shape, np.uint8)
         try:
@@ -57,7 +58,7 @@ def warm_up(loaded: LoadedModel) -> float:
         cfg.name,
         loaded.version,
         cfg.warmup_runs,
-        list(cfg.warmup_sizes()),
+        sizes,
         elapsed,
     )
     return elapsed

@@ -82,7 +82,8 @@ def test_engine_kill_fails_in_flight_fast_and_recovers(tmp_path: Path, no_leaks:
     repo = tmp_path / "repo"
     # A long queue delay keeps requests in flight inside the engine when it dies.
     write_pixel_detector(repo, max_batch_size=64, delay_ms=300.0, wait_alone=True)
-    with Appliance(repo, workers=2) as app:
+    # ... as long as the batches may hold all of them (the model's own max_batch_size)
+    with Appliance(repo, workers=2, env={"RINGSERVE_CPU_MAX_BATCH": "0"}) as app:
         with Load(app.url, threads=12) as load:
             wait_for(lambda: load.count() >= 24, 30, "some load")
             engine = app.engine_pid()

@@ -189,7 +189,10 @@ def until(driver: Any, script: str, timeout: float, what: str) -> Any:
 
 
 def open_console(driver: Any, url: str) -> None:
-    driver.get_log("browser")  # start from a clean console log
+    # The page of an earlier test may still poll an appliance that has stopped: unload it first
+    # (its requests are cancelled), then start from a clean console log.
+    driver.get("about:blank")
+    driver.get_log("browser")
     driver.get(f"{url}/")
     until(driver, "document.body.dataset.ready === 'true'", 20, "the console to start")
 

@@ -124,7 +124,12 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     write_pixel_detector(repo, "late", max_batch_size=64, delay_ms=LATE_MS, wait_alone=True)
     slow = write_pixel_detector(repo, "slow", max_batch_size=1, delay_ms=0.0, queue_limit=2)
     onnx.save(slow_detector_onnx(), str(slow / "1" / "model.onnx"))
-    env = {"RINGSERVE_RING_SLOTS": str(SLOTS), "RINGSERVE_REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
+    env = {
+        "RINGSERVE_RING_SLOTS": str(SLOTS),
+        "RINGSERVE_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
+        "RINGSERVE_CPU_MAX_BATCH": "0",  # the models' own max_batch_size: "held" keeps all its requests
+        "RINGSERVE_INSTANCES": "1",  # one run at a time: "slow"'s queue of 2 fills before the ring of 4
+    }
     with Appliance(repo, workers=1, env=env) as appliance:
         yield appliance
         log = appliance.log()
