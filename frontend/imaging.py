@@ -248,14 +248,18 @@ def fit(img: np.ndarray, width: int, height: int, spec: InputSpec, out: np.ndarr
         out.fill(spec.pad_value)
         out[top : top + nh, left : left + nw] = cv2.resize(img, (nw, nh), interpolation=_interp(dw, nw))
         return Geometry(width, height, nw / dw * k, nh / dh * k, float(left), float(top))
-    # center-crop: scale the short side, then cut the middle
+    # center-crop: the middle of the image scaled so that its short side is resize_short. Only the
+    # part that lands in the model's window is resized, straight into ``out``: the same pixels as
+    # scaling all of it and cutting the middle, for a fraction of the work (profiled: the full
+    # resize cost as much as the JPEG decode on EfficientNet-Lite0's 224-of-256 crop).
     short = spec.resize_short or max(th, tw)
     r = short / min(dw, dh)
     nw, nh = max(tw, round(dw * r)), max(th, round(dh * r))
-    scaled = cv2.resize(img, (nw, nh), interpolation=_interp(dw, nw))
-    left, top = (nw - tw) // 2, (nh - th) // 2
-    out[...] = scaled[top : top + th, left : left + tw]
-    return Geometry(width, height, nw / dw * k, nh / dh * k, float(-left), float(-top))
+    cw, ch = min(dw, max(1, round(tw * dw / nw))), min(dh, max(1, round(th * dh / nh)))
+    cx, cy = (dw - cw) // 2, (dh - ch) // 2
+    cv2.resize(img[cy : cy + ch, cx : cx + cw], (tw, th), dst=out, interpolation=_interp(cw, tw))
+    sx, sy = tw / cw, th / ch  # model pixels per decoded pixel
+    return Geometry(width, height, sx * k, sy * k, -cx * sx, -cy * sy)
 
 
 def _interp(src: int, dst: int) -> int:

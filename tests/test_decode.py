@@ -187,3 +187,22 @@ def test_modes_decode_to_the_same_picture() -> None:
     expected = np.asarray(Image.fromarray(want).reduce(factor))
     assert (w, h) == (480, 640) and img.shape == (*expected.shape, 3)
     assert np.abs(img[..., 0].astype(int) - expected).max() <= 1
+
+
+def test_center_crop_resizes_only_the_window_and_maps_back() -> None:
+    """The crop is cut before the resize (issue 15): the same pixels as scaling the whole image to a
+    short side of resize_short and cutting the middle, and boxes map back to the original."""
+    import cv2
+
+    spec = InputSpec(height=224, width=224, resize="center-crop", resize_short=256)
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (12, 16, 3), np.uint8)
+    img = cv2.resize(small, (640, 480), interpolation=cv2.INTER_LINEAR)  # smooth, like a photo
+    out = np.empty((224, 224, 3), np.uint8)
+    geo = imaging.fit(img, 1280, 960, spec, out)  # decoded at half the original's size
+    scaled = cv2.resize(img, (341, 256), interpolation=cv2.INTER_AREA)
+    whole_then_cut = scaled[16:240, 58:282]
+    assert np.abs(out.astype(int) - whole_then_cut.astype(int)).mean() < 2.0  # up to a sub-pixel shift
+    # the window is the middle 840 x 840 of the 1280 x 960 original (224 of 256 of its short side)
+    left, top, right, bottom = geo.to_original(0, 0, 224, 224)
+    assert abs(left - 220) <= 2 and abs(top - 60) <= 2 and abs(right - 1060) <= 2 and abs(bottom - 900) <= 2
