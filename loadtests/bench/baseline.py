@@ -28,6 +28,8 @@ from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from loadtests.bench.prep import Prep
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,7 +37,7 @@ class Model:
     def __init__(self, directory: Path, mode: str, threads: int) -> None:
         cfg = tomllib.loads((directory / "model.toml").read_text())
         self.task = cfg["task"]
-        self.width, self.height = cfg["input"]["width"], cfg["input"]["height"]
+        self.prep = Prep.of(directory)
         self.outputs = cfg.get("outputs", {})
         self.confidence = cfg.get("thresholds", {}).get("confidence", 0.5)
         self.top_k = cfg.get("thresholds", {}).get("top_k", 5)
@@ -60,8 +62,8 @@ class Model:
     def predict(self, data: bytes) -> dict[str, Any]:
         image = Image.open(io.BytesIO(data)).convert("RGB")
         width, height = image.size
-        pixels = np.asarray(image.resize((self.width, self.height), Image.Resampling.BILINEAR))
-        outputs = dict(zip(self.output_names, self.session.run(None, {self.input_name: pixels[None]}), strict=True))
+        batch = self.prep.pillow(image)
+        outputs = dict(zip(self.output_names, self.session.run(None, {self.input_name: batch}), strict=True))
         if self.task == "ssd":
             return {"image": {"width": width, "height": height}, "detections": self._detections(outputs, width, height)}
         return {"image": {"width": width, "height": height}, "classes": self._classes(outputs)}

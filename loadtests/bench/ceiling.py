@@ -1,7 +1,9 @@
 """Target (d), the ceiling: decode + resize + inference in a plain loop, with no HTTP and no IPC.
 
 Each image is decoded with simplejpeg (with the DCT downscale to at least the model's input size),
-resized with OpenCV into a reused buffer and run through an ONNX Runtime session (no spinning),
+resized with OpenCV into a reused buffer (the crop of a center-crop model first; a float input
+normalised and transposed with numpy: loadtests/bench/prep.py) and run through an ONNX Runtime
+session (no spinning),
 back to back, on all the cores. Three simple ways to use the cores are measured and the best one is
 the ceiling:
 
@@ -21,6 +23,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from loadtests.bench.prep import Prep
 
 CONFIGS = ("procs", "threads", "single")
 
@@ -42,11 +46,15 @@ def runner(args: argparse.Namespace) -> None:
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    session = ort.InferenceSession(args.model, sess_options=opts, providers=["CPUExecutionProvider"])
+    prep = Prep.of(args.model_dir)
+    session = ort.InferenceSession(
+        str(args.model_dir / "1" / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"]
+    )
     name = session.get_inputs()[0].name
     images = [Path(p["file"]).read_bytes() for p in json.loads(Path(args.payloads).read_text())]
-    w, h = args.width, args.height
-    session.run(None, {name: np.zeros((1, h, w, 3), np.uint8)})
+    w, h = prep.width, prep.height
+    short = prep.resize_short if prep.resize == "center-crop" else 0
+    session.run(None, {name: prep.zeros()})
     print("ready", flush=True)  # the protocol with the orchestrator
     sys.stdin.readline()
     start = time.perf_counter() + args.warmup
@@ -55,15 +63,12 @@ def runner(args: argparse.Namespace) -> None:
 
     def loop(index: int) -> None:
         buf = np.empty((h, w, 3), np.uint8)
-        batch = buf[None]
         k = index * 7
         while (t0 := time.perf_counter()) < end:
             data = images[k % len(images)]
             k += 1
-            img = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=w, min_height=h)
-            shrink = img.shape[1] > w
-            cv2.resize(img, (w, h), dst=buf, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-            session.run(None, {name: batch})
+            img = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=max(w, short), min_height=max(h, short))
+            session.run(None, {name: prep.opencv(img, buf)})
             t1 = time.perf_counter()
             if start <= t1 <= end:
                 latencies[index].append(t1 - t0)
@@ -80,10 +85,8 @@ def runner(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model-dir", type=Path, required=True, help="the model's directory (model.toml, 1/model.onnx)")
     p.add_argument("--payloads", required=True, help="JSON list of {file, ...}")
-    p.add_argument("--height", type=int, required=True)
-    p.add_argument("--width", type=int, required=True)
     p.add_argument("--threads", type=int, default=1, help="loop threads")
     p.add_argument("--intra", type=int, default=1, help="intra-op threads of the session")
     p.add_argument("--warmup", type=float, default=2.0)

@@ -1,6 +1,6 @@
 """Run the benchmark: every target one after another, on the same model, photos and client.
 
-    python -m loadtests.bench [--workload ssd|light] [--workers W] [--seconds 10] [--quick]
+    python -m loadtests.bench [--workload ssd|lite0|light] [--workers W] [--seconds 10] [--quick]
 
 (a) ringserve with W HTTP workers; (b) the common FastAPI pattern in one process with ONNX
 Runtime's default session options and tuned; (c) the same app with ``uvicorn --workers W``; (d) the
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m loadtests.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workload", choices=("ssd", "light"), default="ssd")
+    p.add_argument("--workload", choices=("ssd", "lite0", "light"), default="ssd")
     p.add_argument("--workers", type=int, default=targets.cores(), help="W for (a) and (c); default: cores")
     p.add_argument("--concurrency", default=None, help="comma-separated client concurrencies (default 1,4,16)")
     p.add_argument("--seconds", type=float, default=None, help="measured seconds per point (default 10)")
@@ -168,14 +168,10 @@ def run_ceiling(workload: Workload, scratch: Path, args: argparse.Namespace) -> 
             sys.executable,
             "-m",
             "loadtests.bench.ceiling",
-            "--model",
-            str(workload.onnx_path),
+            "--model-dir",
+            str(workload.directory),
             "--payloads",
             str(scratch / "payloads.json"),
-            "--height",
-            str(workload.height),
-            "--width",
-            str(workload.width),
             "--threads",
             str(loops),
             "--intra",

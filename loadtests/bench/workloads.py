@@ -1,4 +1,8 @@
-"""The two workloads of the benchmark: the default SSD detector, and a light generated classifier.
+"""The workloads of the benchmark: the default SSD detector, EfficientNet-Lite0, a light generated net.
+
+``lite0`` is the real EfficientNet-Lite0 of ``ringserve models pull efficientnet-lite0`` (pulled
+into models/ when it is not there): float32 NCHW input, center-crop, ImageNet normalisation, which
+ringserve folds into the graph and the other targets do with numpy (loadtests/bench/prep.py).
 
 ``light`` is a small conv net of a realistic shape (four strided 3x3 convolutions, global average
 pooling, a fully connected layer to 1000 classes) on a 224x224 uint8 NHWC input, with random
@@ -16,6 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 SSD_NAME = "ssd-mobilenet-v2-coco"
+LITE0_NAME = "efficientnet-lite0"
 LIGHT_NAME = "light-classifier"
 LIGHT_SIZE = 224
 LIGHT_CHANNELS = (16, 32, 64, 128)
@@ -51,6 +56,24 @@ def ssd(repo: Path | None = None) -> Workload:
         raise SystemExit(f"{directory}/1/model.onnx is missing: run `ringserve models pull` first")
     labels = tuple(line.strip() for line in (directory / "labels.txt").read_text().splitlines())
     return Workload("ssd", SSD_NAME, repo, directory, "ssd", "image_tensor:0", 300, 300, labels, 0.5)
+
+
+def lite0(repo: Path | None = None) -> Workload:
+    import subprocess
+    import sys
+    import tomllib
+
+    repo = (repo or ROOT / "models").resolve()
+    directory = repo / LITE0_NAME
+    if not (directory / "1" / "model.onnx").exists():
+        cmd = [sys.executable, "-m", "engine", "models", "pull", LITE0_NAME, "--repo", str(repo)]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    spec = tomllib.loads((directory / "model.toml").read_text())
+    labels = tuple((directory / spec["labels"]).read_text().splitlines())
+    inp = spec["input"]
+    return Workload(
+        "lite0", LITE0_NAME, repo, directory, "classify", inp["name"], inp["height"], inp["width"], labels, 0.0
+    )
 
 
 def light(repo: Path) -> Workload:
@@ -143,6 +166,8 @@ def light_onnx(seed: int = 0):  # -> onnx.ModelProto (onnx is imported lazily)
 def make(name: str, scratch: Path) -> Workload:
     if name == "ssd":
         return ssd()
+    if name == "lite0":
+        return lite0()
     if name == "light":
         return light(scratch / "repo")
-    raise ValueError(f"unknown workload {name!r} (ssd or light)")
+    raise ValueError(f"unknown workload {name!r} (ssd, lite0 or light)")
