@@ -159,6 +159,12 @@ def fold(model: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
 
     if i.color == "BGR":
         step("Gather", const("bgr", np.array([2, 1, 0], dtype=np.int64)), axis=3)
+    # The layout first, on the uint8 pixels (a quarter of the bytes of the float tensor): measured
+    # with ORT 1.31 on EfficientNet-Lite0, one thread, 82-89 runs/s with the Transpose after the
+    # float ops against 97-103 before them (the model alone on float input: 102-103).
+    channels = [1, 3, 1, 1] if i.layout == "NCHW" else [3]
+    if i.layout == "NCHW":
+        step("Transpose", perm=[0, 3, 1, 2])
     if i.dtype != "uint8":
         step("Cast", to=_DTYPES[i.dtype])
         # (x * scale - mean) / std == x * (scale / std) - mean / std: one Mul and one Sub.
@@ -166,11 +172,9 @@ def fold(model: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
         factor = i.scale / std
         offset = np.array(i.mean, dtype=np.float64) / std
         if not np.all(factor == 1):
-            step("Mul", const("factor", factor.astype(dtype)))
+            step("Mul", const("factor", factor.astype(dtype).reshape(channels)))
         if np.any(offset != 0):
-            step("Sub", const("offset", offset.astype(dtype)))
-    if i.layout == "NCHW":
-        step("Transpose", perm=[0, 3, 1, 2])
+            step("Sub", const("offset", offset.astype(dtype).reshape(channels)))
     # The last prefix node writes the model's original input name; the original input goes away.
     nodes[-1].output[0] = target
     wire = helper.make_tensor_value_info(WIRE_INPUT, TensorProto.UINT8, ["N", i.height, i.width, 3])
