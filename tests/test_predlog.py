@@ -185,7 +185,8 @@ def test_a_full_disk_drops_log_entries_and_predictions_go_on(tmp_path: Path, no_
             return metric(scrape, "ringserve_prediction_log_total", outcome="dropped_error") >= 3
 
         wait_for(dropped, 20, "the full disk to drop the entries")
-        assert "entries dropped (predictions)" in app.log()
+        # the warning follows the counter, through the worker's stderr pipe
+        wait_for(lambda: "entries dropped (predictions)" in app.log(), 10, "the warning in the log")
         filler.unlink()  # room again: the log writes again (after its reopen pause)
 
         def written() -> bool:

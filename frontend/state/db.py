@@ -18,6 +18,7 @@ transaction; the others wait on the lock, then find nothing left to do.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 import time
@@ -55,7 +56,7 @@ class Database:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"db-{name}")
         self._local = threading.local()
         self._failed_open = 0.0
-        self._warned = 0.0
+        self._warned: dict[str, float] = {}  # per kind of warning: one kind never hides another
         self._closed = False
         self._inline: sqlite3.Connection | None = None
         self._inline_failed = 0.0
@@ -156,10 +157,11 @@ class Database:
         return self._pool.submit(self._run, fn, args).result()
 
     def warn(self, what: str, exc: BaseException) -> None:
-        """A warning at most every WARN_EVERY_S per database (the counters say how many)."""
+        """A warning at most every WARN_EVERY_S per database and kind (the counters say how many)."""
         now = time.monotonic()
-        if now - self._warned >= WARN_EVERY_S:
-            self._warned = now
+        kind = re.sub(r"\d+", "#", what)  # "3 entries dropped" and "5 entries dropped" are one kind
+        if now - self._warned.get(kind, -WARN_EVERY_S) >= WARN_EVERY_S:
+            self._warned[kind] = now
             logger.warning("{} ({}): {}", what, self.name, exc)
 
     def close(self) -> None:
