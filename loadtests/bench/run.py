@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workload", choices=("ssd", "lite0", "light"), default="ssd")
     p.add_argument("--workers", type=int, default=targets.cores(), help="W for (a) and (c); default: cores")
-    p.add_argument("--concurrency", default=None, help="comma-separated client concurrencies (default 1,4,16)")
+    p.add_argument("--concurrency", default=None, help="comma-separated client concurrencies (default 1,16,64)")
     p.add_argument("--seconds", type=float, default=None, help="measured seconds per point (default 10)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds before each point (default 2)")
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"subset of {','.join(ALL_TARGETS)}")
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
     quick = args.quick
-    args.concurrency = [int(c) for c in (args.concurrency or ("1,16" if quick else "1,4,16")).split(",")]
+    args.concurrency = [int(c) for c in (args.concurrency or ("1,16" if quick else "1,16,64")).split(",")]
     args.seconds = args.seconds if args.seconds is not None else (2.0 if quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 2.0)
     args.hop_n = args.hop_n if args.hop_n is not None else (300 if quick else 2000)
