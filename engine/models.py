@@ -10,7 +10,7 @@ from loguru import logger
 
 from engine.ortcache import OrtCache
 from engine.repository import ModelConfig
-from engine.session import NO_REUSE_SUBGRAPH_NODES, OrtSession, Session, plan_batch, plan_instances
+from engine.session import CPU_MAX_BATCH, NO_REUSE_SUBGRAPH_NODES, OrtSession, Session, plan_batch, plan_instances
 from ipc.messages import InputSpec, ModelInfo
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def load(
     *,
     cache: OrtCache | None = None,
     prepared: Prepared | None = None,
+    cpu_arena: bool = False,
 ) -> LoadedModel:
     from engine.graph import prepare_model
 
@@ -85,6 +86,7 @@ def load(
         max_batch=cfg.max_batch_size,
         cache=cache,
         mem_reuse=prepared.subgraph_nodes < NO_REUSE_SUBGRAPH_NODES,
+        cpu_arena=cpu_arena,
     )
     elapsed = time.perf_counter() - started
     logger.info(
@@ -125,5 +127,6 @@ def load_planned(
         threads,
         batch,
     )
-    loaded = load(cfg, version, providers, threads, cache=cache, prepared=prepared)
+    small = batch <= CPU_MAX_BATCH  # ORT's arena only where it cannot grow to a big batch
+    loaded = load(cfg, version, providers, threads, cache=cache, prepared=prepared, cpu_arena=small)
     return replace(loaded, max_batch=batch), instances

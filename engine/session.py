@@ -98,9 +98,13 @@ NO_REUSE_SUBGRAPH_NODES = 1000
 
 
 def session_options(threads: int, mem_reuse: bool = True, cpu_arena: bool = True) -> ort.SessionOptions:
-    """``cpu_arena=False`` on the CPU: ORT's arena grows to the largest batch ever run and keeps it
-    (EfficientNet-Lite0: +73 MB of PSS between batch 1 and batch 8, measured with ORT 1.31), while
-    plain malloc hands it back; per run it measured the same (10.3 ms either way, batch 1)."""
+    """ORT's CPU arena grows to the largest batch ever run and keeps it (EfficientNet-Lite0: +73 MB
+    of PSS between batch 1 and batch 8, measured with ORT 1.31), so the engine turns it on only for
+    the small batches of the CPU plan (CPU_MAX_BATCH). There it is the smaller of the two: glibc's
+    malloc keeps what the concurrent runs of two instances freed in its per-thread arenas (Lite0,
+    two threads running batches of 2: 222 MB with malloc, 189 MB with the arena, the same 204
+    images/s; making malloc hand big blocks back, M_MMAP_THRESHOLD 128 KB, measured 123 MB but
+    131 images/s, a page fault for every activation)."""
     opts = ort.SessionOptions()
     opts.enable_mem_reuse = mem_reuse
     opts.enable_cpu_mem_arena = cpu_arena
@@ -127,8 +131,9 @@ class OrtSession:
         *,
         cache: OrtCache | None = None,
         mem_reuse: bool = True,
+        cpu_arena: bool = False,
     ):
-        options = session_options(threads, mem_reuse, cpu_arena=CUDA in providers)
+        options = session_options(threads, mem_reuse, cpu_arena=cpu_arena or CUDA in providers)
         self._session, self.cache_hit = create_session(model, options, providers, cache)
         self.providers: list[str] = self._session.get_providers()
         inputs = {i.name: i for i in self._session.get_inputs()}

@@ -16,6 +16,7 @@ task is supervised: one that ends is logged and started again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import time
@@ -79,6 +80,7 @@ class EngineClient:
         self._last_hello = 0.0
         self._tasks = Supervised()
         self._on_ring_change = on_ring_change or (lambda in_use, slots: None)
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def fault(self) -> str:  # why this worker cannot serve although the engine is there
@@ -90,6 +92,51 @@ class EngineClient:
 
     def _ring_changed(self) -> None:
         self._on_ring_change(self.rings.in_use, self.slots if self.ring is not None else 0)
+        ring = self.ring
+        free = ring.slots - ring.in_use if ring is not None else 0
+        # a slot came back (or the ring was replaced, or the engine let go of all of them): the
+        # requests waiting for one go on, in arrival order, one per free slot
+        while self._slot_waiters and (free > 0 or ring is None or not self.is_ready):
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+    async def _lease(self, timeout: float) -> tuple[Ring, int, int]:
+        """A slot of the current ring. When every slot is taken, wait for one within the request's
+        deadline, behind at most one ring's worth of other waiting requests; past that, 503 at once.
+
+        The ring bounds what one worker has in flight, not what it accepts: connections do not
+        spread evenly over the workers (the one that wakes first accepts a whole burst), so a
+        worker whose slots are all taken while the box has room would refuse requests the engine
+        could serve. Past a second ring's worth the worker is overloaded for real: 503.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.is_ready or self.ring is None:
+                raise EngineUnavailable(self.fault or "the engine is not connected")
+            ring = self.ring
+            if not self._slot_waiters and ring.in_use < ring.slots:
+                slot, generation = ring.acquire()
+                return ring, slot, generation
+            if len(self._slot_waiters) >= ring.slots:
+                raise QueueFull(
+                    f"all {ring.slots} ring slots of this worker are in use and {len(self._slot_waiters)} "
+                    "requests wait for one"
+                )
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, deadline - time.monotonic())
+            except TimeoutError:
+                raise DeadlineExceeded("no ring slot of this worker came free within the deadline") from None
+            finally:
+                if waiter in self._slot_waiters:
+                    self._slot_waiters.remove(waiter)
+            if self.is_ready and self.ring is not None and self.ring.in_use < self.ring.slots:
+                slot, generation = self.ring.acquire()
+                return self.ring, slot, generation
+            # taken by a request that arrived meanwhile, or the engine went away: round again
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -145,10 +192,9 @@ class EngineClient:
     ) -> m.Result:
         """Write the pixels into a free slot with ``fill`` and wait for the engine's answer."""
         timeout = await self.rings.settle(timeout)  # while a bigger ring is being registered
-        if not self.is_ready or self.ring is None:
-            raise EngineUnavailable(self.fault or "the engine is not connected")
-        ring = self.ring
-        slot, generation = ring.acquire()
+        leased = time.monotonic()
+        ring, slot, generation = await self._lease(timeout)
+        timeout -= time.monotonic() - leased
         self._ring_changed()
         shape = (info.input.height, info.input.width, 3)
         try:
