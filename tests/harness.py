@@ -11,13 +11,36 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def bare_engine(repo: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The engine alone (``python -m engine engine``) on ``repo``, answering Hello; its address and
+    process. Afterwards it must still be running, and is stopped with SIGTERM."""
+    from engine.launcher import wait_engine_ready
+    from ipc.sockets import engine_address
+
+    run_dir = Path(tempfile.mkdtemp(prefix="rs-"))  # short: the socket path must fit in sun_path
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "engine", "--repo", str(repo), "--run-dir", str(run_dir)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    address = engine_address(run_dir)
+    try:
+        wait_engine_ready(address, proc, 60)
+        yield address, proc
+        assert proc.poll() is None, "the engine died"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def free_port() -> int:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +11,10 @@ import numpy as np
 import pytest
 import zmq
 
-from engine.launcher import wait_engine_ready
 from ipc import messages as m
 from ipc.ring import Ring
-from ipc.sockets import engine_address, make_socket
-from tests.harness import ROOT
+from ipc.sockets import make_socket, socket_path
+from tests.harness import bare_engine
 from tests.models import write_pixel_detector
 
 
@@ -26,22 +22,11 @@ from tests.models import write_pixel_detector
 def engine(tmp_path: Path) -> Iterator[str]:
     repo = tmp_path / "repo"
     write_pixel_detector(repo, size=8, max_batch_size=4, delay_ms=1.0)
-    run_dir = Path(tempfile.mkdtemp(prefix="rs-"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "engine", "--repo", str(repo), "--run-dir", str(run_dir)],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
-    address = engine_address(run_dir)
-    try:
-        wait_engine_ready(address, proc, 60)
+    with bare_engine(repo) as (address, proc):
         yield address
-        assert proc.poll() is None, "the engine died"
-    finally:
-        proc.terminate()
-        proc.wait(10)
     assert proc.returncode == 0
-    assert not (run_dir / "engine.sock").exists()
+    path = socket_path(address)
+    assert path is not None and not path.exists()
 
 
 def _ask(sock: zmq.Socket, msg: object, timeout_ms: int = 5000) -> m.Message:  # type: ignore[type-arg]

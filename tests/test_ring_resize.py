@@ -5,9 +5,6 @@ its jobs are answered. Straight to the real engine socket, with real rings."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +13,10 @@ import numpy as np
 import pytest
 import zmq
 
-from engine.launcher import wait_engine_ready
 from ipc import messages as m
 from ipc.ring import Ring
-from ipc.sockets import engine_address, make_socket
-from tests.harness import ROOT, wait_for
+from ipc.sockets import make_socket
+from tests.harness import bare_engine, wait_for
 from tests.models import write_pixel_detector
 
 RED_BOX = (4.0, 0.0, 6.0, 2.0)  # what the 8x8 pixel detector answers for a red image
@@ -33,20 +29,8 @@ def slow_engine(tmp_path: Path) -> Iterator[tuple[str, int]]:
     message arrives. Yields its address and pid."""
     repo = tmp_path / "repo"
     write_pixel_detector(repo, size=8, max_batch_size=1, delay_ms=0.0, busy=8)
-    run_dir = Path(tempfile.mkdtemp(prefix="rs-"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "engine", "--repo", str(repo), "--run-dir", str(run_dir)],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
-    address = engine_address(run_dir)
-    try:
-        wait_engine_ready(address, proc, 60)
+    with bare_engine(repo) as (address, proc):
         yield address, proc.pid
-        assert proc.poll() is None, "the engine died"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _replies(sock: zmq.Socket, n: int) -> list[m.Message]:  # type: ignore[type-arg]
