@@ -117,7 +117,7 @@ def load_planned(
     prepared = prepare_model(cfg, cfg.onnx_path(version))
     sequential = prepared.subgraph_nodes >= NO_REUSE_SUBGRAPH_NODES
     instances, threads = plan_instances(providers, plan.instances, plan.threads, sequential)
-    batch = plan_batch(providers, cfg.max_batch_size, *([plan.cpu_max_batch] if plan.cpu_max_batch >= 0 else []))
+    batch = plan_batch(providers, cfg.max_batch_size, plan.cpu_max_batch)
     logger.info(
         "{}/{}: {} graph: {} instance(s) x {} intra-op thread(s), batches of up to {}",
         cfg.name,

@@ -83,9 +83,12 @@ def plan_instances(providers: list[str], instances: int, threads: int, sequentia
 CPU_MAX_BATCH = 2
 
 
-def plan_batch(providers: list[str], max_batch_size: int, cpu_max_batch: int = CPU_MAX_BATCH) -> int:
-    """The largest batch the batcher forms for a model (see CPU_MAX_BATCH)."""
-    if providers[0] == CUDA or cpu_max_batch <= 0:
+def plan_batch(providers: list[str], max_batch_size: int, cpu_max_batch: int = -1) -> int:
+    """The largest batch the batcher forms for a model; ``cpu_max_batch`` -1: CPU_MAX_BATCH, 0: the
+    model's max_batch_size."""
+    if cpu_max_batch < 0:
+        cpu_max_batch = CPU_MAX_BATCH
+    if providers[0] == CUDA or cpu_max_batch == 0:
         return max_batch_size
     return max(1, min(max_batch_size, cpu_max_batch))
 

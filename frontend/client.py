@@ -112,11 +112,12 @@ class EngineClient:
         could serve. Past a second ring's worth the worker is overloaded for real: 503.
         """
         deadline = time.monotonic() + timeout
+        woken = False  # a woken waiter goes before those still waiting; a newcomer never does
         while True:
             if not self.is_ready or self.ring is None:
                 raise EngineUnavailable(self.fault or "the engine is not connected")
             ring = self.ring
-            if not self._slot_waiters and ring.in_use < ring.slots:
+            if ring.in_use < ring.slots and (woken or not self._slot_waiters):
                 slot, generation = ring.acquire()
                 return ring, slot, generation
             if len(self._slot_waiters) >= ring.slots:
@@ -133,10 +134,7 @@ class EngineClient:
             finally:
                 if waiter in self._slot_waiters:
                     self._slot_waiters.remove(waiter)
-            if self.is_ready and self.ring is not None and self.ring.in_use < self.ring.slots:
-                slot, generation = self.ring.acquire()
-                return self.ring, slot, generation
-            # taken by a request that arrived meanwhile, or the engine went away: round again
+            woken = True  # round again: the slot may have gone to a newcomer, or the engine away
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
