@@ -53,7 +53,7 @@ def runner(args: argparse.Namespace) -> None:
     name = session.get_inputs()[0].name
     images = [Path(p["file"]).read_bytes() for p in json.loads(Path(args.payloads).read_text())]
     w, h = prep.width, prep.height
-    short = prep.resize_short if prep.resize == "center-crop" else 0
+    min_w, min_h = prep.decode_min
     session.run(None, {name: prep.zeros()})
     print("ready", flush=True)  # the protocol with the orchestrator
     sys.stdin.readline()
@@ -67,7 +67,7 @@ def runner(args: argparse.Namespace) -> None:
         while (t0 := time.perf_counter()) < end:
             data = images[k % len(images)]
             k += 1
-            img = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=max(w, short), min_height=max(h, short))
+            img = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_w, min_height=min_h)
             session.run(None, {name: prep.opencv(img, buf)})
             t1 = time.perf_counter()
             if start <= t1 <= end:

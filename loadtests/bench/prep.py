@@ -45,6 +45,12 @@ class Prep:
             std=np.asarray(spec.get("std", [1.0, 1.0, 1.0]), np.float32),
         )
 
+    @property
+    def decode_min(self) -> tuple[int, int]:
+        """The smallest (width, height) worth decoding: a center-crop's short side is resize_short."""
+        short = self.resize_short if self.resize == "center-crop" else 0
+        return max(self.width, short), max(self.height, short)
+
     def box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the photo that the model sees."""
         if self.resize != "center-crop":
