@@ -12,7 +12,6 @@ from loguru import logger
 
 from frontend import errors
 from frontend.client import EngineClient
-from frontend.grpc import serve as serve_grpc
 from frontend.jsonresp import JSONResponse
 from frontend.middleware import RequestContext
 from frontend.routes import batch, console, deepstack, health, models, predict, stream
@@ -81,7 +80,10 @@ def _lifespan(settings: Settings, metrics_path: Path) -> Callable[[FastAPI], Abs
         await client.start()
         grpc_server = None
         try:
-            grpc_server = await serve_grpc(settings, client, app.state.service)  # RINGSERVE_GRPC_PORT
+            if settings.grpc_port:  # RINGSERVE_GRPC_PORT; 0: grpc, protobuf and tritonclient are never imported
+                from frontend.grpc import serve as serve_grpc
+
+                grpc_server = await serve_grpc(settings, client, app.state.service)
             await app.state.shared.start(app)  # jobs, cache, prediction log around the service
             yield
         finally:

@@ -2,25 +2,28 @@
 
 JPEG: simplejpeg (header first, so absurd dimensions are refused before any decoding, and a
 DCT-domain downscale when the image is much larger than the model input). Other formats and JPEGs
-libjpeg-turbo cannot convert (CMYK): Pillow. Resizing: OpenCV. EXIF orientation is applied, so
-boxes come back in the orientation a viewer shows.
+libjpeg-turbo cannot convert (CMYK): Pillow, imported by the first image that needs it (a JPEG
+with EXIF or another format), so a worker that never sees one never loads it. Resizing: OpenCV.
+EXIF orientation is applied, so boxes come back in the orientation a viewer shows.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image, UnidentifiedImageError
 
 from ipc.errors import BadInput, PayloadTooLarge
 from ipc.messages import InputSpec
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 cv2.setNumThreads(1)  # one request per worker at a time already uses the cores
-Image.MAX_IMAGE_PIXELS = None  # we enforce our own pixel limit (413) before decoding
 
 _JPEG = b"\xff\xd8\xff"
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -63,12 +66,20 @@ def sniff(data: bytes) -> str:
     raise BadInput("the data is not a recognised image (JPEG, PNG, WebP, BMP, GIF or TIFF)")
 
 
+def _open(data: bytes, kind: str) -> Image.Image:
+    """Pillow's lazy open (headers only) of one format."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # we enforce our own pixel limit (413) before decoding
+    return Image.open(io.BytesIO(data), formats=[kind.upper()])
+
+
 def _exif_orientation(data: bytes) -> int:
     """Orientation tag of a JPEG's EXIF block without decoding the image (1 when absent)."""
     if b"Exif" not in data[:65536]:
         return 1
     try:
-        with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
+        with _open(data, "jpeg") as im:
             return _orientation_of(im)
     except Exception:
         return 1
@@ -152,6 +163,8 @@ def _eight_bit(strip: Image.Image, float_scale: float) -> Image.Image:
 
     16-bit and 32-bit integer greyscale: the high byte of 0..65535; float: 0..1 or 0..255.
     """
+    from PIL import Image
+
     mode = strip.mode
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(strip)  # uint16 (either byte order) or int32
@@ -197,8 +210,10 @@ def _decode_pillow(data: bytes, kind: str, spec: InputSpec, max_pixels: int) -> 
     """Pillow for everything simplejpeg does not do. JPEGs are drafted (DCT-domain downscale)
     before decoding; other large images are reduced (box filter) to about the model's input
     strip by strip (``_reduced_rgb``), so a 50-megapixel PNG costs its inflate and little more."""
+    from PIL import UnidentifiedImageError
+
     try:
-        with Image.open(io.BytesIO(data), formats=[kind.upper()]) as opened:
+        with _open(data, kind) as opened:
             check_pixels(opened.width, opened.height, max_pixels)
             orientation = _orientation_of(opened)
             swap = orientation in (5, 6, 7, 8)
