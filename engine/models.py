@@ -10,7 +10,15 @@ from loguru import logger
 
 from engine.ortcache import OrtCache
 from engine.repository import ModelConfig
-from engine.session import CPU_MAX_BATCH, NO_REUSE_SUBGRAPH_NODES, OrtSession, Session, plan_batch, plan_instances
+from engine.session import (
+    CPU_MAX_BATCH,
+    NO_REUSE_SUBGRAPH_NODES,
+    OrtSession,
+    Session,
+    idle_helpers,
+    plan_batch,
+    plan_instances,
+)
 from ipc.messages import InputSpec, ModelInfo
 
 if TYPE_CHECKING:
@@ -73,6 +81,7 @@ def load(
     cache: OrtCache | None = None,
     prepared: Prepared | None = None,
     cpu_arena: bool = False,
+    idle_helpers: bool = False,
 ) -> LoadedModel:
     from engine.graph import prepare_model
 
@@ -87,6 +96,7 @@ def load(
         cache=cache,
         mem_reuse=prepared.subgraph_nodes < NO_REUSE_SUBGRAPH_NODES,
         cpu_arena=cpu_arena,
+        idle_helpers=idle_helpers,
     )
     elapsed = time.perf_counter() - started
     logger.info(
@@ -118,15 +128,19 @@ def load_planned(
     sequential = prepared.subgraph_nodes >= NO_REUSE_SUBGRAPH_NODES
     instances, threads = plan_instances(providers, plan.instances, plan.threads, sequential)
     batch = plan_batch(providers, cfg.max_batch_size, plan.cpu_max_batch)
+    helpers = idle_helpers(providers, instances, threads)
     logger.info(
-        "{}/{}: {} graph: {} instance(s) x {} intra-op thread(s), batches of up to {}",
+        "{}/{}: {} graph: {} instance(s) x {} intra-op thread(s){}, batches of up to {}",
         cfg.name,
         version,
         "loop-bound" if sequential else "parallel",
         instances,
         threads,
+        " (helpers at idle priority)" if helpers else "",
         batch,
     )
     small = batch <= CPU_MAX_BATCH  # ORT's arena only where it cannot grow to a big batch
-    loaded = load(cfg, version, providers, threads, cache=cache, prepared=prepared, cpu_arena=small)
+    loaded = load(
+        cfg, version, providers, threads, cache=cache, prepared=prepared, cpu_arena=small, idle_helpers=helpers
+    )
     return replace(loaded, max_batch=batch), instances

@@ -2,22 +2,62 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
+
+import numpy as np
 
 from engine.models import Plan, load_planned
 from engine.repository import load_config
-from engine.session import CPU, CPU_MAX_BATCH, CUDA, default_threads, plan_batch, plan_instances
+from engine.session import (
+    CPU,
+    CPU_MAX_BATCH,
+    CUDA,
+    OrtSession,
+    default_threads,
+    idle_helpers,
+    plan_batch,
+    plan_instances,
+)
 from engine.warmup import warm_up
-from tests.models import write_pixel_detector
+from tests.models import pixel_detector_onnx, write_pixel_detector
 
 
-def test_the_cpu_gets_one_single_threaded_instance_per_core() -> None:
+def test_the_cpu_gets_one_instance_per_core_with_idle_helpers_where_the_graph_parallelises() -> None:
     cores = default_threads()
-    for sequential in (False, True):
-        assert plan_instances([CPU], 0, 0, sequential) == (cores, 1)
+    assert plan_instances([CPU], 0, 0, True) == (cores, 1)  # a loop-bound graph: single-threaded
+    assert plan_instances([CPU], 0, 0, False) == (cores, cores)  # a pool per core, shared
+    assert idle_helpers([CPU], cores, cores) == (cores > 1)
+    assert not idle_helpers([CPU], cores, 1)
     assert plan_instances([CPU], 1, 0, False) == (1, cores)  # asked for: one instance, all cores
+    assert not idle_helpers([CPU], 1, cores)  # a lone instance's pool is the whole plan
     assert plan_instances([CPU], 2, 3, False) == (2, 3)
     assert plan_instances([CUDA, CPU], 0, 0, False) == (1, cores)
+    assert not idle_helpers([CUDA, CPU], 2, 2)
+
+
+def _nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def test_idle_helpers_lower_only_the_pools_threads_and_the_session_still_answers() -> None:
+    model = pixel_detector_onnx().SerializeToString()
+
+    def tasks() -> set[int]:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+
+    first = tasks()
+    plain = OrtSession(model, "", [CPU], 3)
+    second = tasks()
+    session = OrtSession(model, "", [CPU], 3, idle_helpers=True)
+    helpers = tasks() - second
+    assert len(helpers) == 2 and all(_nice(t) == 19 for t in helpers)  # a pool of 3: the caller and two
+    assert len(second - first) == 2 and all(_nice(t) == 0 for t in second - first)  # the plain pool's
+    assert _nice(threading.get_native_id()) == 0
+    pixels = np.full((2, 64, 64, 3), (10, 200, 30), dtype=np.uint8)
+    a, b = plain.run(pixels), session.run(pixels)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_the_cpu_runs_small_batches_the_gpu_the_models() -> None:
