@@ -32,7 +32,7 @@ from loadtests.bench.client import check
 from loadtests.bench.sampler import TreeSampler
 from loadtests.bench.workloads import ROOT, Workload, make
 
-HTTP_TARGETS = ("ringserve", "b-default", "b-tuned", "c")
+HTTP_TARGETS = ("ringserve", "b-default", "b-1thread", "b-tuned", "c")
 ALL_TARGETS = (*HTTP_TARGETS, "ceiling")
 RESULTS = ROOT / "loadtests" / "results"
 START_ALLOWANCE_S = 12.0  # per target: start, readiness, priming (for the time estimate only)

@@ -38,7 +38,7 @@ def cores() -> int:
 
 @dataclass
 class Target:
-    key: str  # "ringserve", "b-default", "b-tuned", "c"
+    key: str  # "ringserve", "b-default", "b-1thread", "b-tuned", "c"
     label: str
     cmd: list[str]
     env: dict[str, str]
@@ -151,10 +151,13 @@ def ringserve(workload: Workload, workers: int) -> Target:
 
 
 def baseline(workload: Workload, key: str, workers: int) -> Target:
-    """(b) one uvicorn process, ORT default or tuned; (c) ``uvicorn --workers W``, tuned."""
+    """(b) one uvicorn process, ORT default or tuned (one intra-op thread, as issue 15 defines the
+    plain FastAPI server, or one per core); (c) ``uvicorn --workers W``, tuned."""
     n = cores()
     if key == "b-default":
         label, mode, threads = "(b) FastAPI, 1 process, ORT defaults", "default", 0
+    elif key == "b-1thread":
+        label, mode, threads = "(b) FastAPI, 1 process, ORT tuned (1 thread)", "tuned", 1
     elif key == "b-tuned":
         label, mode, threads = f"(b) FastAPI, 1 process, ORT tuned ({n} threads)", "tuned", n
     elif key == "c":
