@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=_env("ORT_THREADS", "0"),  # argparse applies type= to a string default, at parse time
-        help="ONNX Runtime intra-op threads on the CPU (0: one per core)",
+        help="ONNX Runtime intra-op threads per instance on the CPU (0: see plan_instances)",
     )
     p.add_argument(
         "--instances",
@@ -50,7 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--cpu-max-batch",
         type=int,
         default=_env("CPU_MAX_BATCH", "-1"),
-        help="largest batch an instance runs on the CPU (-1: 2, measured; 0: the model's max_batch_size)",
+        help="largest batch an instance runs on the CPU (-1: measured at load; 0: the model's max_batch_size)",
     )
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default=_env("PROVIDERS", "auto"))
     control.add_arguments(p)  # model control mode, polling, unload grace, ORT cache

@@ -11,11 +11,14 @@ from loguru import logger
 from engine.ortcache import OrtCache
 from engine.repository import ModelConfig
 from engine.session import (
+    AUTO,
     CPU_MAX_BATCH,
+    CUDA,
     NO_REUSE_SUBGRAPH_NODES,
     OrtSession,
     Session,
     idle_helpers,
+    measure_batch,
     plan_batch,
     plan_instances,
 )
@@ -115,7 +118,7 @@ def load(
 class Plan:
     instances: int = 0  # concurrent runners per model version; 0: auto (see plan_instances)
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: auto
-    cpu_max_batch: int = -1  # the largest batch on the CPU (plan_batch); -1: CPU_MAX_BATCH, 0: the model's
+    cpu_max_batch: int = AUTO  # the largest batch on the CPU (plan_batch); AUTO: measured, 0: the model's
 
 
 def load_planned(
@@ -128,19 +131,24 @@ def load_planned(
     sequential = prepared.subgraph_nodes >= NO_REUSE_SUBGRAPH_NODES
     instances, threads = plan_instances(providers, plan.instances, plan.threads, sequential)
     batch = plan_batch(providers, cfg.max_batch_size, plan.cpu_max_batch)
+    measured = providers[0] != CUDA and plan.cpu_max_batch == AUTO
     helpers = idle_helpers(providers, instances, threads)
     logger.info(
-        "{}/{}: {} graph: {} instance(s) x {} intra-op thread(s){}, batches of up to {}",
+        "{}/{}: {} graph: {} instance(s) x {} intra-op thread(s){}",
         cfg.name,
         version,
         "loop-bound" if sequential else "parallel",
         instances,
         threads,
         " (helpers at idle priority)" if helpers else "",
-        batch,
     )
-    small = batch <= CPU_MAX_BATCH  # ORT's arena only where it cannot grow to a big batch
+    # ORT's arena only where it cannot grow to a big batch: a measured batch is big only for a model
+    # whose images cost next to nothing.
+    small = measured or batch <= CPU_MAX_BATCH
     loaded = load(
         cfg, version, providers, threads, cache=cache, prepared=prepared, cpu_arena=small, idle_helpers=helpers
     )
+    if measured:
+        batch = measure_batch(loaded.session, loaded.input_shape, cfg.max_batch_size)
+    logger.info("{}/{}: batches of up to {}{}", cfg.name, version, batch, " (measured)" if measured else "")
     return replace(loaded, max_batch=batch), instances

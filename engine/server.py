@@ -50,7 +50,7 @@ class EngineSettings:
     models: list[str] = field(default_factory=list)
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: auto (see plan_instances)
     instances: int = 0  # concurrent runners per model version; 0: auto (see plan_instances)
-    cpu_max_batch: int = -1  # the largest batch on the CPU; -1: CPU_MAX_BATCH, 0: the model's (plan_batch)
+    cpu_max_batch: int = -1  # the largest batch on the CPU; -1: measured at load, 0: the model's (plan_batch)
     providers: str = "auto"  # auto | cpu | cuda
     heartbeat_s: float = 0.2
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)

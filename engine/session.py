@@ -8,8 +8,10 @@ burn the cores the workers need for decoding.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -104,22 +106,63 @@ def _lowest_priority(tids: set[int]) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, 19)
 
 
-# The largest batch an instance runs on the CPU, whatever model.toml allows (0: the model's own).
-# ORT's CPU kernels gain little from a batch, and a big one falls out of the caches: images/s of one
-# single-threaded session, ORT 1.31 on this box, batch 1 / 2 / 4 / 8: EfficientNet-Lite0 99 / 109 /
-# 106 / 85, the SSD 19.8 / 20.1 / 17.3 / -; through ringserve (Lite0, two instances, c=16) max batch
-# 8 / 4 / 2 gave 98 / 107 / 114 req/s. On the GPU the model's max_batch_size holds.
+# The largest batch an instance runs on the CPU when asked for a fixed one, and what the measured
+# choice starts from. ORT's CPU kernels gain little from a batch, and a big one falls out of the
+# caches: images/s of one single-threaded session, ORT 1.31 on this box, batch 1 / 2 / 4 / 8:
+# EfficientNet-Lite0 99 / 109 / 106 / 85, the SSD 19.8 / 20.1 / 17.3 / -; through ringserve (Lite0,
+# two instances, c=16) max batch 8 / 4 / 2 gave 98 / 107 / 114 req/s. A trivial model is the
+# opposite: its run is mostly ORT's and Python's fixed cost per call, which a batch shares out.
 CPU_MAX_BATCH = 2
+AUTO = -1  # cpu_max_batch: measure it at load (batch_from_timings)
+OVERHEAD_SHARE = 0.1  # a trivial model's batch grows while its per-run cost is this share of an image's
+# What the engine itself spends per batch besides ORT's run (waking an instance, the queue, the run
+# call, the metrics): loadtests/control_plane.py on this box, 2-core EPYC, gave 244 us of engine CPU
+# per image at batches of 2 and 128 us at batches of up to 64, about 0.2 ms per batch.
+ENGINE_BATCH_COST_S = 0.0002
 
 
-def plan_batch(providers: list[str], max_batch_size: int, cpu_max_batch: int = -1) -> int:
-    """The largest batch the batcher forms for a model; ``cpu_max_batch`` -1: CPU_MAX_BATCH, 0: the
-    model's max_batch_size."""
+def plan_batch(providers: list[str], max_batch_size: int, cpu_max_batch: int = AUTO) -> int:
+    """The largest batch the batcher forms for a model; ``cpu_max_batch`` AUTO: CPU_MAX_BATCH until
+    measured (measure_batch), 0: the model's max_batch_size."""
     if cpu_max_batch < 0:
         cpu_max_batch = CPU_MAX_BATCH
     if providers[0] == CUDA or cpu_max_batch == 0:
         return max_batch_size
     return max(1, min(max_batch_size, cpu_max_batch))
+
+
+def batch_from_timings(one: float, two: float, max_batch_size: int) -> int:
+    """The CPU batch from the time of a run of one image and of two. A batch costs ``fixed`` (ORT's
+    part and ENGINE_BATCH_COST_S) plus ``per_image`` per image. Where an image costs more than the
+    fixed part, the batch is CPU_MAX_BATCH: a real model (measured in the engine, two threads with
+    the helpers idle: Lite0 5.5 / 9.9 ms, fixed 1.3 against 4.4; the SSD 46.8 / 90.5, fixed 3.3
+    against 43.7). Where the fixed part dominates (a trivial model: the tests' 64x64 pixel detector
+    runs 25 / 44 us, fixed 5 + 200 against 19), the batch is the largest power of two at which the
+    fixed part is still OVERHEAD_SHARE of an image's or more, since a larger one would gain less
+    than that. Never more than the model allows."""
+    per_image = two - one
+    fixed = one - per_image + ENGINE_BATCH_COST_S
+    if fixed < per_image:
+        return max(1, min(max_batch_size, CPU_MAX_BATCH))
+    wanted = fixed / (OVERHEAD_SHARE * per_image) if per_image > 0 else math.inf
+    batch = max_batch_size if wanted >= max_batch_size else 1 << int(math.log2(wanted))
+    return max(1, min(max_batch_size, batch))
+
+
+def measure_batch(session: Session, input_shape: tuple[int, ...], max_batch_size: int, runs: int = 5) -> int:
+    """batch_from_timings with the fastest of ``runs`` runs of each size, alternated so that a busy
+    moment of the box falls on both."""
+    if max_batch_size < 2:
+        return 1
+    batch = np.zeros((2, *input_shape), np.uint8)
+    best = [float("inf"), float("inf")]
+    session.run(batch)  # the first run of a shape allocates
+    for _ in range(runs):
+        for n in (1, 2):
+            started = time.perf_counter()
+            session.run(batch[:n])
+            best[n - 1] = min(best[n - 1], time.perf_counter() - started)
+    return batch_from_timings(best[0], best[1], max_batch_size)
 
 
 # ORT's allocation planner looks for a reusable buffer for every value of every subgraph; on the

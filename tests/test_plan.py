@@ -15,6 +15,7 @@ from engine.session import (
     CPU_MAX_BATCH,
     CUDA,
     OrtSession,
+    batch_from_timings,
     default_threads,
     idle_helpers,
     plan_batch,
@@ -68,11 +69,23 @@ def test_the_cpu_runs_small_batches_the_gpu_the_models() -> None:
     assert plan_batch([CUDA, CPU], 8) == 8
 
 
+def test_the_cpu_batch_is_small_for_a_real_model_and_large_where_the_run_is_mostly_overhead() -> None:
+    assert batch_from_timings(0.0055, 0.0099, 8) == CPU_MAX_BATCH  # Lite0 as the engine measured it
+    assert batch_from_timings(0.0468, 0.0905, 8) == CPU_MAX_BATCH  # the SSD
+    assert batch_from_timings(0.0468, 0.0905, 1) == 1  # never more than the model allows
+    assert batch_from_timings(25e-6, 44e-6, 64) == 64  # the pixel detector: (5 + 200) / 1.9 us
+    assert batch_from_timings(25e-6, 44e-6, 128) == 64  # the largest power of two within that
+    assert batch_from_timings(0.001, 0.0012, 64) == 32  # fixed 1.0 ms, 0.2 per image: 50
+    assert batch_from_timings(0.001, 0.0009, 16) == 16  # two images no dearer than one
+
+
 def test_a_loaded_model_batches_and_warms_up_within_its_plan(tmp_path: Path) -> None:
     directory = write_pixel_detector(tmp_path, "pixels", max_batch_size=8)
     cfg = load_config(directory)
-    loaded, instances = load_planned(cfg, 1, [CPU], Plan(), None)
-    assert instances == default_threads() and loaded.batch_limit == 2
+    fixed, _ = load_planned(cfg, 1, [CPU], Plan(cpu_max_batch=2), None)
+    assert fixed.batch_limit == 2
+    loaded, instances = load_planned(cfg, 1, [CPU], Plan(), None)  # measured: at most the model's
+    assert instances == default_threads() and 1 <= loaded.batch_limit <= 8
     assert loaded.info.max_batch_size == 8  # what clients may send is the model's; the engine splits it
     assert warm_up(loaded) >= 0
     unlimited, _ = load_planned(cfg, 1, [CPU], Plan(cpu_max_batch=0), None)
