@@ -61,7 +61,7 @@ def default_threads() -> int:
 def plan_instances(providers: list[str], instances: int, threads: int, sequential: bool) -> tuple[int, int]:
     """(instances per model, intra-op threads per instance); 0 in either means: choose.
 
-    CPU: one instance per core, for every graph, each running as if single-threaded. The instances
+    CPU: one single-threaded instance per core, for every graph. The instances
     share the one session (ORT allows concurrent runs and releases the GIL), so a second instance
     costs its activations, not a copy of the weights. On this 2-core box the engine shares the cores
     with the HTTP workers, and an intra-op thread pool is a barrier per operator: whenever a worker
@@ -69,13 +69,15 @@ def plan_instances(providers: list[str], instances: int, threads: int, sequentia
     1.31): EfficientNet-Lite0 80 req/s with one 2-thread instance against 107 with two 1-thread
     ones; the SSD (``sequential``: most of its graph runs inside its NMS Loop) 25 images/s against 17.
 
-    A graph that is not ``sequential`` gets a pool of one thread per core all the same, with its
-    helper threads at the lowest priority (``idle_helpers``): they run only on a core nothing else
-    wants, so a lone request gets every idle core while concurrent runs (and the HTTP workers) keep
-    theirs. Measured bare, Lite0, ORT 1.31 on this box: one caller 106 -> 176 images/s (9.7 -> 5.8
-    ms), two callers 209 -> 213. The SSD loses with it (two callers 41.5 -> 25.4 images/s at nice
-    19, 35.5 at nice 0: its loop runs thousands of small parallel sections, and each waits for a
-    helper that was preempted), so a sequential graph stays single-threaded.
+    Asked for more threads than that (``ORT_THREADS``), several instances share a pool whose
+    helper threads run at the lowest priority (``idle_helpers``): they take a core only when
+    nothing else wants it, so a lone request gets every idle core. Measured bare, Lite0, ORT 1.31:
+    one caller 9.7 -> 5.8 ms, two callers 209 -> 213 images/s. Through ringserve (2 workers, two runs
+    each, alternated) the lone request gains (c=1 p50 15.5 / 16.2 -> 12.2 / 13.7 ms) and the loaded
+    box loses (c=16 135.6 / 131.0 -> 128.0 / 120.7 req/s): every parallel section still wakes and
+    waits on a helper the HTTP workers preempt. So it is the operator's choice, not the default.
+    The SSD loses far more with it (two callers 41.5 -> 25.4 images/s): its NMS loop runs
+    thousands of small parallel sections.
     CUDA: one instance (its IOBinding buffers are per session, and the GPU batches).
     """
     cores = default_threads()
@@ -83,14 +85,12 @@ def plan_instances(providers: list[str], instances: int, threads: int, sequentia
         return 1, threads or cores
     if not instances:
         instances = cores
-    if not threads:
-        threads = cores if not sequential and instances == cores else max(1, cores // instances)
-    return instances, threads
+    return instances, threads or max(1, cores // instances)
 
 
 def idle_helpers(providers: list[str], instances: int, threads: int) -> bool:
     """Whether the session's intra-op helper threads run at the lowest priority: on the CPU, when
-    several instances share a pool of more than one thread (see plan_instances)."""
+    several instances share a pool of more than one thread (asked for; see plan_instances)."""
     return providers[0] != CUDA and instances > 1 and threads > 1
 
 

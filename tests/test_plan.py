@@ -25,12 +25,13 @@ from engine.warmup import warm_up
 from tests.models import pixel_detector_onnx, write_pixel_detector
 
 
-def test_the_cpu_gets_one_instance_per_core_with_idle_helpers_where_the_graph_parallelises() -> None:
+def test_the_cpu_gets_one_single_threaded_instance_per_core_and_idle_helpers_when_asked() -> None:
     cores = default_threads()
-    assert plan_instances([CPU], 0, 0, True) == (cores, 1)  # a loop-bound graph: single-threaded
-    assert plan_instances([CPU], 0, 0, False) == (cores, cores)  # a pool per core, shared
-    assert idle_helpers([CPU], cores, cores) == (cores > 1)
+    for sequential in (False, True):
+        assert plan_instances([CPU], 0, 0, sequential) == (cores, 1)
     assert not idle_helpers([CPU], cores, 1)
+    assert plan_instances([CPU], 0, cores, False) == (cores, cores)  # ORT_THREADS: one pool, shared
+    assert idle_helpers([CPU], cores, cores) == (cores > 1)
     assert plan_instances([CPU], 1, 0, False) == (1, cores)  # asked for: one instance, all cores
     assert not idle_helpers([CPU], 1, cores)  # a lone instance's pool is the whole plan
     assert plan_instances([CPU], 2, 3, False) == (2, 3)
