@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -12,6 +14,7 @@ from engine.ortcache import OrtCache
 from engine.repository import ModelConfig
 from engine.session import (
     AUTO,
+    CPU,
     CPU_MAX_BATCH,
     CUDA,
     NO_REUSE_SUBGRAPH_NODES,
@@ -82,16 +85,17 @@ def load(
     threads: int,
     *,
     cache: OrtCache | None = None,
-    prepared: Prepared | None = None,
+    prepared: Prepared | Recalled | None = None,
     cpu_arena: bool = False,
     idle_helpers: bool = False,
 ) -> LoadedModel:
-    from engine.graph import prepare_model
-
     started = time.perf_counter()
-    prepared = prepared or prepare_model(cfg, cfg.onnx_path(version))
+    if prepared is None:
+        from engine.graph import prepare_model
+
+        prepared = prepare_model(cfg, cfg.onnx_path(version))
     session = OrtSession(
-        prepared.data,
+        prepared.path if isinstance(prepared, Recalled) else prepared.data,
         "",
         providers,
         threads,
@@ -115,6 +119,38 @@ def load(
 
 
 @dataclass(frozen=True)
+class Recalled:
+    """A version loaded before: the graph ORT optimised then (OrtCache.recall), and its subgraphs'
+    size. Loading it needs neither onnx (9 MB of the engine's PSS) nor the fold."""
+
+    path: Path
+    subgraph_nodes: int
+
+
+def source_key(cfg: ModelConfig, version: int, providers: list[str], cache: OrtCache) -> str:
+    """What a version's optimized graph depends on: its file, its model.toml (and labels), the code
+    that checks and folds it, and what OrtCache.key adds (ORT, providers, CPU)."""
+    with cfg.onnx_path(version).open("rb") as f:
+        source = hashlib.file_digest(f, "sha256").digest()
+    code = hashlib.sha256(Path(__file__).with_name("graph.py").read_bytes()).digest()
+    return cache.key(source + code + repr(cfg).encode(), providers)
+
+
+def _prepare(
+    cfg: ModelConfig, version: int, providers: list[str], cache: OrtCache | None, recall: bool = True
+) -> tuple[Prepared | Recalled, str]:
+    """The graph to load, and its source key ("" without a cache): on the CPU, a version loaded
+    before comes from the cache."""
+    source = source_key(cfg, version, providers, cache) if cache is not None and providers == [CPU] else ""
+    recalled = cache.recall(source) if cache is not None and source and recall else None
+    if recalled is not None:
+        return Recalled(*recalled), source
+    from engine.graph import prepare_model
+
+    return prepare_model(cfg, cfg.onnx_path(version)), source
+
+
+@dataclass(frozen=True)
 class Plan:
     instances: int = 0  # concurrent runners per model version; 0: auto (see plan_instances)
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: auto
@@ -125,9 +161,7 @@ def load_planned(
     cfg: ModelConfig, version: int, providers: list[str], plan: Plan, cache: OrtCache | None
 ) -> tuple[LoadedModel, int]:
     """Load with the instance and thread plan that suits the model's graph (see plan_instances)."""
-    from engine.graph import prepare_model
-
-    prepared = prepare_model(cfg, cfg.onnx_path(version))
+    prepared, source = _prepare(cfg, version, providers, cache)
     sequential = prepared.subgraph_nodes >= NO_REUSE_SUBGRAPH_NODES
     instances, threads = plan_instances(providers, plan.instances, plan.threads, sequential)
     batch = plan_batch(providers, cfg.max_batch_size, plan.cpu_max_batch)
@@ -145,9 +179,25 @@ def load_planned(
     # ORT's arena only where it cannot grow to a big batch: a measured batch is big only for a model
     # whose images cost next to nothing.
     small = measured or batch <= CPU_MAX_BATCH
-    loaded = load(
-        cfg, version, providers, threads, cache=cache, prepared=prepared, cpu_arena=small, idle_helpers=helpers
-    )
+
+    def built(graph: Prepared | Recalled) -> LoadedModel:
+        return load(
+            cfg, version, providers, threads, cache=cache, prepared=graph, cpu_arena=small, idle_helpers=helpers
+        )
+
+    try:
+        loaded = built(prepared)
+    except Exception as exc:
+        if cache is None or not isinstance(prepared, Recalled):
+            raise
+        logger.warning("{}/{}: the cached graph would not load ({}); preparing it again", cfg.name, version, exc)
+        cache.forget(source)
+        prepared, source = _prepare(cfg, version, providers, cache, recall=False)
+        loaded = built(prepared)
+    if cache is not None and source and not isinstance(prepared, Recalled):
+        key = cache.key(prepared.data, providers)
+        if cache.lookup(key) is not None:
+            cache.remember(source, key, prepared.subgraph_nodes)
     if measured:
         batch = measure_batch(loaded.session, loaded.input_shape, cfg.max_batch_size)
     logger.info("{}/{}: batches of up to {}{}", cfg.name, version, batch, " (measured)" if measured else "")

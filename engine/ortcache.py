@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import time
@@ -91,12 +92,48 @@ class OrtCache:
         self.path(key).unlink(missing_ok=True)
 
     def prune(self, keep: int = KEEP) -> None:
+        for pattern in ("*.onnx", "*.json"):
+            try:
+                entries = sorted(self.directory.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+            except OSError:
+                return
+            for old in entries[keep:]:
+                old.unlink(missing_ok=True)
+
+    # A source model (its file, its model.toml, the code that folds it) -> the optimized graph it
+    # became, and the size of its subgraphs: a repeat load reads neither onnx nor the source graph.
+    def remember(self, source: str, key: str, subgraph_nodes: int) -> None:
+        index = self.directory / f"{source}.json"
+        temporary = index.with_name(f".{source}.{os.getpid()}.{time.monotonic_ns()}.tmp")
         try:
-            entries = sorted(self.directory.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-        except OSError:
-            return
-        for old in entries[keep:]:
-            old.unlink(missing_ok=True)
+            temporary.write_text(json.dumps({"key": key, "subgraph_nodes": subgraph_nodes}))
+            os.replace(temporary, index)
+        except OSError as exc:
+            logger.warning("could not index the optimized graph {}: {}", key, exc)
+            temporary.unlink(missing_ok=True)
+
+    def recall(self, source: str) -> tuple[Path, int] | None:
+        index = self.directory / f"{source}.json"
+        try:
+            entry = json.loads(index.read_text())
+            key, nodes = str(entry["key"]), int(entry["subgraph_nodes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        path = self.lookup(key)
+        if path is None:
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(index)
+        return path, nodes
+
+    def forget(self, source: str) -> None:
+        (self.directory / f"{source}.json").unlink(missing_ok=True)
+
+
+def open_optimized(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """A session from a graph ORT optimised before: the optimiser does not run again."""
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
 def create_session(
@@ -109,9 +146,8 @@ def create_session(
     cached = cache.lookup(key)
     if cached is not None:
         level = options.graph_optimization_level
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(str(cached), sess_options=options, providers=providers), True
+            return open_optimized(cached, options, providers), True
         except Exception as exc:  # a damaged or foreign entry: optimise again
             logger.warning("dropping unusable ORT cache entry {}: {}", cached, exc)
             cache.drop(key)

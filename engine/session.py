@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from engine.ortcache import OrtCache, create_session
+from engine.ortcache import OrtCache, create_session, open_optimized
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -198,7 +198,7 @@ class OrtSession:
 
     def __init__(
         self,
-        model: bytes,
+        model: bytes | Path,  # a Path: a graph ORT optimised before (OrtCache.recall)
         input_name: str,
         providers: list[str],
         threads: int,
@@ -211,7 +211,10 @@ class OrtSession:
     ):
         options = session_options(threads, mem_reuse, cpu_arena=cpu_arena or CUDA in providers)
         before = _native_threads() if idle_helpers else set()
-        self._session, self.cache_hit = create_session(model, options, providers, cache)
+        if isinstance(model, Path):
+            self._session, self.cache_hit = open_optimized(model, options, providers), True
+        else:
+            self._session, self.cache_hit = create_session(model, options, providers, cache)
         if idle_helpers:  # the pool's threads are the ones its creation started (see plan_instances)
             _lowest_priority(_native_threads() - before)
         self.providers: list[str] = self._session.get_providers()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from engine.graph import prepare_model, subgraph_nodes
-from engine.models import load
+from engine.models import Plan, load, load_planned, source_key
 from engine.ortcache import OrtCache
 from engine.repository import load_config
 from engine.session import CPU, NO_REUSE_SUBGRAPH_NODES, OrtSession
@@ -99,3 +102,54 @@ def test_the_ssd_nms_loop_turns_memory_reuse_off() -> None:
     prepared = prepare_model(load_config(SSD), SSD / "1" / "model.onnx")
     assert prepared.subgraph_nodes >= NO_REUSE_SUBGRAPH_NODES
     assert onnx.load_from_string(prepared.data).graph.input[0].name == "image_tensor:0"
+
+
+def test_a_version_loaded_before_needs_neither_onnx_nor_the_fold(tmp_path: Path) -> None:
+    """The index maps the source (file, model.toml, fold code) to the optimized graph; a fresh
+    process that loads the version again never imports onnx, and answers as the first load did."""
+    repo = tmp_path / "repo"
+    write_pixel_detector(repo)
+    script = f"""
+import sys, json
+import numpy as np
+from pathlib import Path
+from engine.models import Plan, load_planned
+from engine.ortcache import OrtCache
+from engine.repository import load_config
+loaded, _ = load_planned(load_config(Path({str(repo / "pixels")!r})), 1, ["CPUExecutionProvider"], Plan(),
+                         OrtCache(Path({str(tmp_path / "cache")!r})))
+pixels = np.random.default_rng(7).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+out = loaded.session.run(pixels)
+print(json.dumps({{"onnx": "onnx" in sys.modules, "hit": loaded.session.cache_hit,
+                   "scores": out["scores"].tolist()}}))
+"""
+
+    def fresh() -> dict:
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.splitlines()[-1])
+
+    first, second = fresh(), fresh()
+    assert first["onnx"] and not first["hit"]
+    assert not second["onnx"] and second["hit"]
+    assert second["scores"] == first["scores"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+
+def test_a_recalled_graph_that_does_not_load_is_prepared_again(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_pixel_detector(repo)
+    cfg = load_config(repo / "pixels")
+    cache = OrtCache(tmp_path / "cache")
+    load_planned(cfg, 1, [CPU], Plan(), cache)
+    source = source_key(cfg, 1, [CPU], cache)
+    recalled = cache.recall(source)
+    assert recalled is not None
+    recalled[0].write_bytes(b"damaged")
+    loaded, _ = load_planned(cfg, 1, [CPU], Plan(), cache)
+    assert loaded.session.run(_pixels(1))["scores"].shape == (1, 1)
+    again = cache.recall(source)
+    assert again is not None and again[0].read_bytes() != b"damaged", "indexed again, to a good graph"
+    model_toml = repo / "pixels" / "model.toml"
+    model_toml.write_text(model_toml.read_text().replace("confidence = 0.5", "confidence = 0.6"))
+    assert source_key(load_config(repo / "pixels"), 1, [CPU], cache) != source, "model.toml is in the key"
