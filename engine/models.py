@@ -128,12 +128,14 @@ class Recalled:
 
 
 def source_key(cfg: ModelConfig, version: int, providers: list[str], cache: OrtCache) -> str:
-    """What a version's optimized graph depends on: its file, its model.toml (and labels), the code
-    that checks and folds it, and what OrtCache.key adds (ORT, providers, CPU)."""
+    """What a version's optimized graph depends on: its file, its model.toml (and labels) wherever
+    the repository lies, the code that checks and folds it, and what OrtCache.key adds (ORT,
+    providers, CPU)."""
     with cfg.onnx_path(version).open("rb") as f:
         source = hashlib.file_digest(f, "sha256").digest()
     code = hashlib.sha256(Path(__file__).with_name("graph.py").read_bytes()).digest()
-    return cache.key(source + code + repr(cfg).encode(), providers)
+    settings = repr(replace(cfg, directory=Path(cfg.name))).encode()
+    return cache.key(source + code + settings, providers)
 
 
 def _prepare(

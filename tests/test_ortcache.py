@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,8 @@ def test_a_recalled_graph_that_does_not_load_is_prepared_again(tmp_path: Path) -
     assert loaded.session.run(_pixels(1))["scores"].shape == (1, 1)
     again = cache.recall(source)
     assert again is not None and again[0].read_bytes() != b"damaged", "indexed again, to a good graph"
+    shutil.copytree(repo, tmp_path / "moved")
+    assert source_key(load_config(tmp_path / "moved" / "pixels"), 1, [CPU], cache) == source, "wherever it lies"
     model_toml = repo / "pixels" / "model.toml"
     model_toml.write_text(model_toml.read_text().replace("confidence = 0.5", "confidence = 0.6"))
     assert source_key(load_config(repo / "pixels"), 1, [CPU], cache) != source, "model.toml is in the key"
