@@ -10,8 +10,10 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.ortcache import OrtCache
+if TYPE_CHECKING:  # engine.ortcache imports onnxruntime, which the launcher never needs
+    from engine.ortcache import OrtCache
 
 MODES = ("none", "poll", "explicit")
 
@@ -28,6 +30,8 @@ class LifecycleSettings:
     ort_cache: str = ""  # "" : <repo>/.ortcache (or ~/.cache/ringserve/ort); "off": no cache
 
     def cache(self, repo: Path) -> OrtCache | None:
+        from engine.ortcache import OrtCache
+
         if self.ort_cache == "off":
             return None
         if self.ort_cache:

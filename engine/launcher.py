@@ -24,7 +24,7 @@ from engine import control
 from engine.frontend_cmd import FrontendArgs, frontend_env, uvicorn_argv, worker_count
 from ipc import messages as m
 from ipc.metrics_dir import metrics_dir, wipe
-from ipc.ring import ShmTooSmall, remove_orphans, ring_bytes, shm_free_bytes
+from ipc.shm import ShmTooSmall, remove_orphans, ring_bytes, shm_free_bytes
 from ipc.sockets import (
     STARTS_FILE,
     RunDirBusy,

@@ -28,7 +28,7 @@ from engine.session import ProviderUnavailable, choose_providers, quiet_ort
 from engine.workers import Worker, map_ring
 from ipc import messages as m
 from ipc.errors import BadInput, DeadlineExceeded, EngineUnavailable, ModelNotFound, RingserveError
-from ipc.ring import pid_alive, remove_orphans
+from ipc.shm import pid_alive, remove_orphans
 from ipc.sockets import (
     STARTS_FILE,
     RunDirBusy,

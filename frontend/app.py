@@ -22,7 +22,7 @@ from frontend.v2 import make_router as v2_router
 from frontend.v2 import repository as v2_repository
 from ipc import logs
 from ipc.metrics_dir import compact, ensure_env
-from ipc.ring import remove_orphans
+from ipc.shm import remove_orphans
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

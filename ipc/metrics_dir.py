@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ipc.ring import pid_alive
+from ipc.shm import pid_alive
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _FILE_RE = re.compile(r"^(counter|histogram|summary|gauge_[a-z]+)_(\d+)\.db$")

@@ -13,108 +13,21 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import re
 import secrets
 import stat
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 from loguru import logger
 
 from ipc.errors import BadInput, QueueFull
+from ipc.shm import NAME_RE, PREFIX, SHM_DIR, ShmTooSmall, round_up, shm_free_bytes
 
-SHM_DIR = Path("/dev/shm")
-PREFIX = "ringserve"
-_ALIGN = 4096
-_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)-([0-9a-f]+)$")
-_MB = 1024 * 1024
 _CREATE_TRIES = 8
-
-
-class ShmTooSmall(OSError):
-    """/dev/shm cannot hold the rings; the message says by how much and what to change."""
-
-    def __init__(self, free: int, needed: int) -> None:
-        super().__init__(
-            errno.ENOSPC,
-            f"{SHM_DIR} has {free / _MB:.1f} MB free, the rings need {needed / _MB:.1f} MB: raise --shm-size "
-            "or lower RINGSERVE_RING_SLOTS / WORKERS",
-        )
-        self.free = free
-        self.needed = needed
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def shm_free_bytes() -> int:
-    st = os.statvfs(SHM_DIR)
-    return st.f_bavail * st.f_frsize
-
-
-def ring_bytes(slots: int, slot_bytes: int) -> int:
-    """The size of a ring of ``slots`` slots for inputs of ``slot_bytes`` bytes."""
-    return slots * _round_up(slot_bytes)
 
 
 def _token() -> str:
     return secrets.token_hex(4)
-
-
-def _round_up(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
-def own_segments() -> list[Path]:
-    """Segments of this uid, dead owners or not."""
-    uid = os.getuid()
-    return sorted(p for p in SHM_DIR.glob(f"{PREFIX}-{uid}-*") if _NAME_RE.match(p.name))
-
-
-def remove_orphans() -> list[str]:
-    """Unlink this uid's segments whose creating process is gone. Returns their names.
-
-    /dev/shm is shared with every local user: a name that looks like ours but is not a regular file
-    of this uid, or one we may not unlink, is skipped with a warning, never a crash.
-    """
-    removed = []
-    uid = os.getuid()
-    for path in own_segments():
-        match = _NAME_RE.match(path.name)
-        if match is None or pid_alive(int(match.group(2))):
-            continue
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
-            logger.warning("skipping {}: not a segment of uid {} (owner uid {})", path, uid, st.st_uid)
-            continue
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            logger.warning("could not remove orphan segment {}: {}", path, exc)
-            continue
-        removed.append(path.name)
-    return removed
 
 
 def _create(size: int) -> tuple[str, int]:
@@ -147,7 +60,7 @@ class Ring:
         if slots < 1 or slot_bytes < 1:
             raise ValueError("a ring needs at least one slot of at least one byte")
         self.slots = slots
-        self.slot_bytes = _round_up(slot_bytes)
+        self.slot_bytes = round_up(slot_bytes)
         self.name, fd = _create(self.slots * self.slot_bytes)
         self.path = SHM_DIR / self.name
         try:
@@ -206,7 +119,7 @@ class MappedRing:
     """The engine's side: maps a worker's segment by name, never unlinks it."""
 
     def __init__(self, name: str, slots: int, slot_bytes: int) -> None:
-        match = _NAME_RE.match(name)
+        match = NAME_RE.match(name)
         if match is None or int(match.group(1)) != os.getuid():
             raise BadInput(f"not a ringserve segment of this user: {name!r}")
         self.name = name

@@ -6,7 +6,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ipc.ring import pid_alive
+from ipc.shm import pid_alive
 from tests.harness import segments
 from tests.models import write_pixel_detector
 

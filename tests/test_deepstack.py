@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from ipc.ring import pid_alive
+from ipc.shm import pid_alive
 from tests.harness import ROOT, Appliance, segments
 from tests.models import expected_box, write_pixel_detector
 from tests.photos import photo

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ipc.ring import pid_alive
+from ipc.shm import pid_alive
 from tests.harness import Appliance, segments, wait_for
 from tests.models import expected_box, write_pixel_detector
 

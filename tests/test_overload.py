@@ -20,7 +20,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from ipc.ring import pid_alive
+from ipc.shm import pid_alive
 from tests.harness import Appliance, segments, wait_for
 from tests.models import expected_box, pixel_detector_onnx, write_pixel_detector
 from tests.test_appliance import colour, png

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ipc.errors import BadInput, QueueFull
-from ipc.ring import MappedRing, Ring, remove_orphans
+from ipc.ring import MappedRing, Ring
+from ipc.shm import remove_orphans
 
 _READ = """
 import sys

@@ -24,7 +24,7 @@ from PIL import Image
 from schemathesis.checks import not_a_server_error as _not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from ipc.ring import pid_alive
+from ipc.shm import pid_alive
 from tests.harness import Appliance, segments
 from tests.models import write_pixel_detector
 

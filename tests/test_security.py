@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from frontend import middleware
-from ipc.ring import pid_alive
+from ipc.shm import pid_alive
 from tests.harness import ROOT, Appliance, free_port, segments
 from tests.models import write_pixel_detector
 from tests.test_appliance import png

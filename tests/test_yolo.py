@@ -17,7 +17,7 @@ from PIL import Image
 from engine import heads
 from engine.repository import InputConfig, ModelConfig
 from engine.yolo import decode, nms, resolve_layout
-from ipc.ring import pid_alive
+from ipc.shm import pid_alive
 from tests.harness import Appliance, segments
 
 CLASSES = ("person", "dog", "kite")

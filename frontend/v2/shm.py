@@ -28,7 +28,7 @@ import orjson
 from loguru import logger
 
 from frontend.v2.errors import bad
-from ipc.ring import PREFIX, SHM_DIR
+from ipc.shm import PREFIX, SHM_DIR
 
 DISABLED = (
     "client shared memory is disabled on this appliance; "
