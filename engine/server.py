@@ -1,7 +1,7 @@
 """The engine's IO loop: one ROUTER socket, validation, dispatch to batchers, heartbeats.
 
-Batcher threads never touch the ROUTER (ZeroMQ sockets are not thread-safe): they push replies
-over an inproc socket that this loop forwards.
+Batcher threads never touch the ROUTER (ZeroMQ sockets are not thread-safe): they append replies
+to an outbox and wake this loop over an inproc socket, once per burst, and the loop sends them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,11 @@ class Engine:
         self.workers: dict[bytes, Worker] = {}
         self._stop = threading.Event()
         self._local = threading.local()
+        # Replies from the batcher threads: (worker identity, ring, slot, encoded message). A
+        # batcher wakes the loop only when no wake is pending (one inproc message per burst, not
+        # per reply); the flag is reset before the outbox is drained, so no reply waits for a wake.
+        self._outbox: deque[tuple[bytes, str, int, bytes]] = deque()
+        self._wake_pending = False
         self._ctx = zmq.Context()
         self.restarts = 0
         self.ort_cache = settings.lifecycle.cache(settings.repo)
@@ -141,12 +147,15 @@ class Engine:
             if replies in events:
                 while True:
                     try:
-                        identity, ring, slot, payload = replies.recv_multipart(zmq.NOBLOCK)
+                        replies.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                self._wake_pending = False
+                while self._outbox:
+                    identity, ring, slot, payload = self._outbox.popleft()
                     worker = self.workers.get(identity)
                     if worker is not None:
-                        worker.answered(ring.decode(), int(slot))
+                        worker.answered(ring, slot)
                     self._send(router, identity, payload)
             if router in events:
                 for _ in range(256):
@@ -284,13 +293,17 @@ class Engine:
         return Job(identity, msg, pixels, time.perf_counter())
 
     def _reply_from_batcher(self, job: Job, msg: m.Message) -> None:
+        self._outbox.append((job.identity, job.msg.ring, job.msg.slot, m.encode(msg)))
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         sock = getattr(self._local, "push", None)
         if sock is None:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(_REPLIES)
             self._local.push = sock
-        sock.send_multipart([job.identity, job.msg.ring.encode(), b"%d" % job.msg.slot, m.encode(msg)])
+        sock.send(b"")
 
     # ----------------------------------------------------------------- workers
     def _forget(self, identity: bytes) -> None:
