@@ -20,10 +20,10 @@ from engine.session import (
     NO_REUSE_SUBGRAPH_NODES,
     OrtSession,
     Session,
-    idle_helpers,
     measure_batch,
     plan_batch,
     plan_instances,
+    wants_idle_helpers,
 )
 from ipc.messages import InputSpec, ModelInfo
 
@@ -86,9 +86,11 @@ def load(
     *,
     cache: OrtCache | None = None,
     prepared: Prepared | Recalled | None = None,
+    source: str = "",
     cpu_arena: bool = False,
     idle_helpers: bool = False,
 ) -> LoadedModel:
+    """``source``: the version's source_key; the cache then remembers the optimized graph it became."""
     started = time.perf_counter()
     if prepared is None:
         from engine.graph import prepare_model
@@ -105,6 +107,8 @@ def load(
         cpu_arena=cpu_arena,
         idle_helpers=idle_helpers,
     )
+    if cache is not None and source and session.cache_key is not None:
+        cache.remember(source, session.cache_key, prepared.subgraph_nodes)
     elapsed = time.perf_counter() - started
     logger.info(
         "loaded {}/{} ({}) in {:.2f}s on {}{}",
@@ -165,10 +169,10 @@ def load_planned(
     """Load with the instance and thread plan that suits the model's graph (see plan_instances)."""
     prepared, source = _prepare(cfg, version, providers, cache)
     sequential = prepared.subgraph_nodes >= NO_REUSE_SUBGRAPH_NODES
-    instances, threads = plan_instances(providers, plan.instances, plan.threads, sequential)
+    instances, threads = plan_instances(providers, plan.instances, plan.threads)
     batch = plan_batch(providers, cfg.max_batch_size, plan.cpu_max_batch)
     measured = providers[0] != CUDA and plan.cpu_max_batch == AUTO
-    helpers = idle_helpers(providers, instances, threads)
+    helpers = wants_idle_helpers(providers, instances, threads)
     logger.info(
         "{}/{}: {} graph: {} instance(s) x {} intra-op thread(s){}",
         cfg.name,
@@ -182,24 +186,28 @@ def load_planned(
     # whose images cost next to nothing.
     small = measured or batch <= CPU_MAX_BATCH
 
-    def built(graph: Prepared | Recalled) -> LoadedModel:
+    def built(graph: Prepared | Recalled, source: str) -> LoadedModel:
         return load(
-            cfg, version, providers, threads, cache=cache, prepared=graph, cpu_arena=small, idle_helpers=helpers
+            cfg,
+            version,
+            providers,
+            threads,
+            cache=cache,
+            prepared=graph,
+            source=source,
+            cpu_arena=small,
+            idle_helpers=helpers,
         )
 
     try:
-        loaded = built(prepared)
+        loaded = built(prepared, source)
     except Exception as exc:
         if cache is None or not isinstance(prepared, Recalled):
             raise
         logger.warning("{}/{}: the cached graph would not load ({}); preparing it again", cfg.name, version, exc)
         cache.forget(source)
         prepared, source = _prepare(cfg, version, providers, cache, recall=False)
-        loaded = built(prepared)
-    if cache is not None and source and not isinstance(prepared, Recalled):
-        key = cache.key(prepared.data, providers)
-        if cache.lookup(key) is not None:
-            cache.remember(source, key, prepared.subgraph_nodes)
+        loaded = built(prepared, source)
     if measured:
         batch = measure_batch(loaded.session, loaded.input_shape, cfg.max_batch_size)
     logger.info("{}/{}: batches of up to {}{}", cfg.name, version, batch, " (measured)" if measured else "")

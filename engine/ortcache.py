@@ -79,14 +79,15 @@ class OrtCache:
             return None
         return self.directory / f".{key}.{os.getpid()}.{time.monotonic_ns()}.tmp"
 
-    def commit(self, temporary: Path, key: str) -> None:
+    def commit(self, temporary: Path, key: str) -> bool:
         try:
             os.replace(temporary, self.path(key))
         except OSError as exc:
             logger.warning("could not store the optimized graph {}: {}", key, exc)
             temporary.unlink(missing_ok=True)
-            return
+            return False
         self.prune()
+        return True
 
     def drop(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
@@ -138,16 +139,17 @@ def open_optimized(path: Path, options: ort.SessionOptions, providers: list[str]
 
 def create_session(
     model: bytes, options: ort.SessionOptions, providers: list[str], cache: OrtCache | None
-) -> tuple[ort.InferenceSession, bool]:
-    """An InferenceSession for ``model``, through the cache where it applies; (session, cache hit)."""
+) -> tuple[ort.InferenceSession, bool, str | None]:
+    """An InferenceSession for ``model``, through the cache where it applies: (session, cache hit,
+    the key of the cache entry that now holds its optimized graph, or None)."""
     if cache is None or not cache.usable(model, providers):
-        return ort.InferenceSession(model, sess_options=options, providers=providers), False
+        return ort.InferenceSession(model, sess_options=options, providers=providers), False, None
     key = cache.key(model, providers)
     cached = cache.lookup(key)
     if cached is not None:
         level = options.graph_optimization_level
         try:
-            return open_optimized(cached, options, providers), True
+            return open_optimized(cached, options, providers), True, key
         except Exception as exc:  # a damaged or foreign entry: optimise again
             logger.warning("dropping unusable ORT cache entry {}: {}", cached, exc)
             cache.drop(key)
@@ -161,9 +163,10 @@ def create_session(
         if temporary is not None:
             temporary.unlink(missing_ok=True)
         raise
+    stored = False
     if temporary is not None:
         if temporary.is_file():
-            cache.commit(temporary, key)
+            stored = cache.commit(temporary, key)
         else:
             logger.warning("ONNX Runtime did not write the optimized graph for {}", key)
-    return session, False
+    return session, False, key if stored else None

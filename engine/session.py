@@ -58,7 +58,7 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def plan_instances(providers: list[str], instances: int, threads: int, sequential: bool) -> tuple[int, int]:
+def plan_instances(providers: list[str], instances: int, threads: int) -> tuple[int, int]:
     """(instances per model, intra-op threads per instance); 0 in either means: choose.
 
     CPU: one single-threaded instance per core, for every graph. The instances
@@ -67,10 +67,10 @@ def plan_instances(providers: list[str], instances: int, threads: int, sequentia
     with the HTTP workers, and an intra-op thread pool is a barrier per operator: whenever a worker
     takes one core, the pool's other thread waits. Measured through ringserve (2 workers, c=16, ORT
     1.31): EfficientNet-Lite0 80 req/s with one 2-thread instance against 107 with two 1-thread
-    ones; the SSD (``sequential``: most of its graph runs inside its NMS Loop) 25 images/s against 17.
+    ones; the SSD (most of its graph runs inside its NMS Loop) 25 images/s against 17.
 
     Asked for more threads than that (``ORT_THREADS``), several instances share a pool whose
-    helper threads run at the lowest priority (``idle_helpers``): they take a core only when
+    helper threads run at the lowest priority (``wants_idle_helpers``): they take a core only when
     nothing else wants it, so a lone request gets every idle core. Measured bare, Lite0, ORT 1.31:
     one caller 9.7 -> 5.8 ms, two callers 209 -> 213 images/s. Through ringserve (2 workers, two runs
     each, alternated) the lone request gains (c=1 p50 15.5 / 16.2 -> 12.2 / 13.7 ms) and the loaded
@@ -88,7 +88,7 @@ def plan_instances(providers: list[str], instances: int, threads: int, sequentia
     return instances, threads or max(1, cores // instances)
 
 
-def idle_helpers(providers: list[str], instances: int, threads: int) -> bool:
+def wants_idle_helpers(providers: list[str], instances: int, threads: int) -> bool:
     """Whether the session's intra-op helper threads run at the lowest priority: on the CPU, when
     several instances share a pool of more than one thread (asked for; see plan_instances)."""
     return providers[0] != CUDA and instances > 1 and threads > 1
@@ -211,10 +211,12 @@ class OrtSession:
     ):
         options = session_options(threads, mem_reuse, cpu_arena=cpu_arena or CUDA in providers)
         before = _native_threads() if idle_helpers else set()
+        # cache_key: the ORT cache entry that holds this session's optimized graph (None: none does)
+        self.cache_key: str | None = None
         if isinstance(model, Path):
             self._session, self.cache_hit = open_optimized(model, options, providers), True
         else:
-            self._session, self.cache_hit = create_session(model, options, providers, cache)
+            self._session, self.cache_hit, self.cache_key = create_session(model, options, providers, cache)
         if idle_helpers:  # the pool's threads are the ones its creation started (see plan_instances)
             _lowest_priority(_native_threads() - before)
         self.providers: list[str] = self._session.get_providers()

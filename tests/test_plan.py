@@ -17,9 +17,9 @@ from engine.session import (
     OrtSession,
     batch_from_timings,
     default_threads,
-    idle_helpers,
     plan_batch,
     plan_instances,
+    wants_idle_helpers,
 )
 from engine.warmup import warm_up
 from tests.models import pixel_detector_onnx, write_pixel_detector
@@ -27,16 +27,15 @@ from tests.models import pixel_detector_onnx, write_pixel_detector
 
 def test_the_cpu_gets_one_single_threaded_instance_per_core_and_idle_helpers_when_asked() -> None:
     cores = default_threads()
-    for sequential in (False, True):
-        assert plan_instances([CPU], 0, 0, sequential) == (cores, 1)
-    assert not idle_helpers([CPU], cores, 1)
-    assert plan_instances([CPU], 0, cores, False) == (cores, cores)  # ORT_THREADS: one pool, shared
-    assert idle_helpers([CPU], cores, cores) == (cores > 1)
-    assert plan_instances([CPU], 1, 0, False) == (1, cores)  # asked for: one instance, all cores
-    assert not idle_helpers([CPU], 1, cores)  # a lone instance's pool is the whole plan
-    assert plan_instances([CPU], 2, 3, False) == (2, 3)
-    assert plan_instances([CUDA, CPU], 0, 0, False) == (1, cores)
-    assert not idle_helpers([CUDA, CPU], 2, 2)
+    assert plan_instances([CPU], 0, 0) == (cores, 1)  # every graph, loop-bound or not
+    assert not wants_idle_helpers([CPU], cores, 1)
+    assert plan_instances([CPU], 0, cores) == (cores, cores)  # ORT_THREADS: one pool, shared
+    assert wants_idle_helpers([CPU], cores, cores) == (cores > 1)
+    assert plan_instances([CPU], 1, 0) == (1, cores)  # asked for: one instance, all cores
+    assert not wants_idle_helpers([CPU], 1, cores)  # a lone instance's pool is the whole plan
+    assert plan_instances([CPU], 2, 3) == (2, 3)
+    assert plan_instances([CUDA, CPU], 0, 0) == (1, cores)
+    assert not wants_idle_helpers([CUDA, CPU], 2, 2)
 
 
 def _nice(tid: int) -> int:

@@ -127,8 +127,8 @@ def analyse(results: dict[str, Any]) -> None:
             goal(text, None, None, "-")
     w = results["settings"]["workers"]
     ma = _memory(a)
-    single = [m for m in (_memory(t.get(k)) for k in ("b-1thread", "b-tuned")) if m]
-    mb = min(single, key=lambda m: m["pss_mb"]) if single else None
+    one_process = [m for m in (_memory(t.get(k)) for k in ("b-1thread", "b-tuned")) if m]
+    mb = min(one_process, key=lambda m: m["pss_mb"]) if one_process else None
     text = f"memory: ringserve PSS <= the smaller single-process (b tuned) PSS + {w} x {MB_PER_WORKER_GOAL:.0f} MB"
     if ma and mb:
         bound = mb["pss_mb"] + w * MB_PER_WORKER_GOAL

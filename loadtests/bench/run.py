@@ -3,8 +3,9 @@
     python -m loadtests.bench [--workload ssd|lite0|light] [--workers W] [--seconds 10] [--quick]
 
 (a) ringserve with W HTTP workers; (b) the common FastAPI pattern in one process with ONNX
-Runtime's default session options and tuned; (c) the same app with ``uvicorn --workers W``; (d) the
-ceiling, decode + resize + inference in a loop with no HTTP. Each HTTP target gets a warm-up and
+Runtime's default session options and tuned (one intra-op thread, and one per core); (c) the same
+app with ``uvicorn --workers W``; (d) the ceiling, decode + resize + inference in a loop with no
+HTTP. Each HTTP target gets a warm-up and
 then ``--seconds`` of closed-loop load per concurrency from one light client process; its whole
 process tree is sampled for PSS, RSS and CPU. Writes loadtests/results/bench-<workload>.{json,md,png}
 and prints the Markdown.
