@@ -1,6 +1,8 @@
 """The dynamic batcher: one queue per loaded model version, served by one or more instances.
 
-Each instance (a thread with its own preallocated batch) takes up to ``batch_limit`` requests,
+The engine's loop appends requests (``submit``) and, once per burst of messages, wakes an idle
+instance (``wake``): a burst of requests costs one thread wake-up, not one each. Each instance (a
+thread with its own preallocated batch) takes up to ``batch_limit`` requests,
 waiting at most max_queue_delay_ms after the first and only while another instance runs (see
 ``_collect``); drops requests past their deadline; copies each
 slot into its batch (one memcpy per image); runs the session once; decodes with the model's head;
@@ -12,9 +14,9 @@ loop) does not parallelise inside the graph.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,11 +45,14 @@ class Batcher:
         self.model = model
         self._reply = reply
         cfg = model.config
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_limit)
+        self._limit = cfg.queue_limit
+        self._jobs: deque[Job] = deque()  # appended by the engine's loop, taken under _ready
+        self._ready = threading.Condition(threading.Lock())
+        self._waiting = 0  # instances waiting on _ready (under its lock)
+        self._busy = 0  # instances running a batch now (under _ready's lock; read without it as a hint)
         self._halt = threading.Event()
         self.instances = max(1, instances)
-        self._busy = 0  # instances running a batch now (read without the lock: a hint)
-        self._lock = threading.Lock()
+        self._default = heads.Params(cfg.confidence, cfg.max_detections)
         self._threads = [
             threading.Thread(
                 target=self._serve,
@@ -67,14 +72,23 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._jobs)
 
     def submit(self, job: Job) -> None:
-        try:
-            self._queue.put_nowait(job)
-            self._m_depth.set(self._queue.qsize())
-        except queue.Full:
-            raise QueueFull(f"queue of {self.model.config.name} is full ({self.model.config.queue_limit})") from None
+        """Queue a job; it waits for ``wake`` (or an instance that finishes a batch) to be taken."""
+        if len(self._jobs) >= self._limit:
+            raise QueueFull(f"queue of {self.model.config.name} is full ({self._limit})")
+        self._jobs.append(job)
+
+    def wake(self) -> None:
+        """After a burst of submits: wake as many waiting instances as the queue can keep busy.
+
+        The depth gauge is written here and when a batch is taken: once per burst, not per request.
+        """
+        self._m_depth.set(len(self._jobs))
+        with self._ready:
+            if self._waiting and self._jobs:
+                self._ready.notify(-(-len(self._jobs) // self.model.batch_limit))
 
     def start(self) -> None:
         for thread in self._threads:
@@ -98,13 +112,13 @@ class Batcher:
             while not self._halt.is_set():
                 jobs = self._collect()
                 if jobs:
-                    with self._lock:
-                        self._busy += 1
                     try:
                         self._guarded(jobs, batch)
                     finally:
-                        with self._lock:
+                        with self._ready:
                             self._busy -= 1
+                            if self._waiting:  # a batch waiting for company need wait no longer
+                                self._ready.notify_all()
         except BaseException:
             # Reached only by a fault outside _guarded (or a BaseException): the engine's loop sees
             # the dead thread through dead() and exits to be restarted rather than serve with a hole.
@@ -133,27 +147,34 @@ class Batcher:
         under load the batch fills by itself while the previous one runs (Triton's dynamic batcher
         waits the full delay; this is closer to continuous batching).
         """
-        try:
-            first = self._queue.get(timeout=0.1)
-        except queue.Empty:
-            return []
-        jobs = [first]
         limit = self.model.batch_limit
-        while len(jobs) < limit:
-            try:
-                jobs.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        delay = self.model.config.max_queue_delay_ms / 1000
-        if len(jobs) < limit and delay > 0 and self._company_coming(jobs):
-            until = time.perf_counter() + delay
-            while len(jobs) < limit and (remaining := until - time.perf_counter()) > 0 and self._company_coming(jobs):
-                try:
-                    jobs.append(self._queue.get(timeout=min(remaining, 0.0005)))
-                except queue.Empty:
-                    continue
-        self._m_depth.set(self._queue.qsize())
+        with self._ready:
+            if not self._jobs:
+                self._wait(0.1)
+            jobs = self._take(limit)
+            delay = self.model.config.max_queue_delay_ms / 1000
+            if jobs and len(jobs) < limit and delay > 0 and self._company_coming(jobs):
+                until = time.perf_counter() + delay
+                while len(jobs) < limit and self._company_coming(jobs):
+                    if (remaining := until - time.perf_counter()) <= 0:
+                        break
+                    self._wait(remaining)
+                    jobs += self._take(limit - len(jobs))
+            self._busy += bool(jobs)
+        self._m_depth.set(len(self._jobs))
         return jobs
+
+    def _wait(self, timeout: float) -> None:
+        """Wait on _ready (its lock held) for a wake, a finished batch or the timeout."""
+        self._waiting += 1
+        try:
+            self._ready.wait(timeout)
+        finally:
+            self._waiting -= 1
+
+    def _take(self, n: int) -> list[Job]:
+        jobs = self._jobs
+        return [jobs.popleft() for _ in range(min(n, len(jobs)))]
 
     def _company_coming(self, jobs: list[Job]) -> bool:
         return self.model.config.wait_alone or self._busy > 0 or any(j.msg.grouped for j in jobs)
@@ -174,13 +195,7 @@ class Batcher:
         for i, job in enumerate(live):
             np.copyto(batch[i], job.pixels)
         cfg = self.model.config
-        params = [
-            heads.Params(
-                confidence=j.msg.confidence if j.msg.confidence >= 0 else cfg.confidence,
-                max_detections=j.msg.max_detections or cfg.max_detections,
-            )
-            for j in live
-        ]
+        params = [_params(j.msg, self._default) for j in live]
         if cfg.task == "raw":
             live = [_with_raw(j) for j in live]
         outputs = self.model.session.run(batch[:n])
@@ -207,16 +222,18 @@ class Batcher:
                 inference_ms=inference_ms,
                 **result,
             )
-            logger.bind(request_id=job.msg.req_id).info(
-                "infer {}/{} batch={} queue={:.2f}ms inference={:.2f}ms",
-                cfg.name,
-                self.model.version,
-                n,
-                queue_ms,
-                inference_ms,
-            )
             answered.add(_key(job))
             self._reply(job, msg)
+        # One line per batch, not per image (a line costs more than the engine's own work per image
+        # on a light model); its request ids make every request traceable from the worker's line.
+        logger.bind(request_id=",".join(j.msg.req_id for j in live)).info(
+            "infer {}/{} batch={} queue={:.2f}ms inference={:.2f}ms",
+            cfg.name,
+            self.model.version,
+            n,
+            (started - live[0].arrived) * 1000,
+            inference_ms,
+        )
 
     def _decode(self, outputs: dict[str, np.ndarray], params: list[heads.Params]) -> list[dict]:
         task = self.model.config.task
@@ -232,6 +249,16 @@ class Batcher:
         metrics.ENGINE_ERRORS.labels(reason).inc()
         logger.bind(request_id=job.msg.req_id).warning("request failed: {}: {}", reason, detail)
         self._reply(job, Error(job.msg.req_id, job.msg.slot, job.msg.generation, reason, detail))
+
+
+def _params(msg: Infer, default: heads.Params) -> heads.Params:
+    """The request's own floor and cap, where it has them (most requests take the model's)."""
+    if msg.confidence < 0 and not msg.max_detections:
+        return default
+    return heads.Params(
+        confidence=msg.confidence if msg.confidence >= 0 else default.confidence,
+        max_detections=msg.max_detections or default.max_detections,
+    )
 
 
 def _key(job: Job) -> tuple[bytes, int, int]:

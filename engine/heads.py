@@ -29,32 +29,35 @@ def _output(outputs: dict[str, np.ndarray], cfg: ModelConfig, key: str) -> np.nd
 
 
 def ssd(outputs: dict[str, np.ndarray], cfg: ModelConfig, params: list[Params]) -> list[list[Detection]]:
-    """TF Object Detection API layout: normalised (ymin, xmin, ymax, xmax), NMS done in graph."""
-    boxes = _output(outputs, cfg, "boxes")
-    scores = _output(outputs, cfg, "scores")
-    classes = _output(outputs, cfg, "classes").astype(np.int64)
-    count = _output(outputs, cfg, "count").reshape(len(params), -1)[:, 0].astype(np.int64)
+    """TF Object Detection API layout: normalised (ymin, xmin, ymax, xmax), NMS done in graph.
+
+    The whole batch is filtered and ordered in a few array operations (each request's floor and
+    count, then score order within each image), and the kept rows leave NumPy once, as lists:
+    per-detection indexing of arrays cost more than the model on small inputs (profiled).
+    """
+    n = len(params)
+    boxes = _output(outputs, cfg, "boxes")[:n]
+    scores = _output(outputs, cfg, "scores")[:n]
+    classes = _output(outputs, cfg, "classes")[:n]
+    count = _output(outputs, cfg, "count").reshape(n, -1)[:, 0].astype(np.int64)
+    floors = np.array([p.confidence for p in params], dtype=scores.dtype)[:, None]
+    valid = (np.arange(scores.shape[1]) < count[:, None]) & (scores >= floors)
+    rows, cols = np.nonzero(valid)  # by image, then by position
+    kept = scores[rows, cols]
+    order = np.lexsort((-kept, rows))  # by image, then by score (stable: position breaks ties)
+    rows, cols = rows[order], cols[order]
     h, w = cfg.input.height, cfg.input.width
-    scaled = boxes * np.array([h, w, h, w], dtype=np.float32)
-    results = []
-    for i, p in enumerate(params):
-        n = min(int(count[i]), scores.shape[1])
-        keep = np.flatnonzero(scores[i, :n] >= p.confidence)
-        keep = keep[np.argsort(-scores[i, keep], kind="stable")][: p.max_detections]
-        results.append(
-            [
-                Detection(
-                    x1=float(scaled[i, k, 1]),
-                    y1=float(scaled[i, k, 0]),
-                    x2=float(scaled[i, k, 3]),
-                    y2=float(scaled[i, k, 2]),
-                    score=float(scores[i, k]),
-                    class_id=int(classes[i, k]),
-                    label=_label(cfg.labels, int(classes[i, k])),
-                )
-                for k in keep
-            ]
-        )
+    scaled = (boxes[rows, cols] * np.array([h, w, h, w], dtype=np.float32)).tolist()
+    labels = cfg.labels
+    results: list[list[Detection]] = [[] for _ in params]
+    for r, (y1, x1, y2, x2), score, class_id in zip(
+        rows.tolist(), scaled, kept[order].tolist(), classes[rows, cols].astype(np.int64).tolist(), strict=True
+    ):
+        found = results[r]
+        if len(found) < params[r].max_detections:
+            found.append(
+                Detection(x1=x1, y1=y1, x2=x2, y2=y2, score=score, class_id=class_id, label=_label(labels, class_id))
+            )
     return results
 
 
@@ -70,14 +73,18 @@ def classify(outputs: dict[str, np.ndarray], cfg: ModelConfig, params: list[Para
         probs = logits
     k = min(max(p.max_detections for p in params), probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [
-        [
-            Classification(class_id=int(c), label=_label(cfg.labels, int(c)), score=float(probs[i, c]))
-            for c in top[i, : p.max_detections]
-            if probs[i, c] >= p.confidence
-        ]
-        for i, p in enumerate(params)
-    ]
+    top_probs = np.take_along_axis(probs, top, axis=1)
+    above = top_probs >= np.array([p.confidence for p in params], dtype=probs.dtype)[:, None]
+    results = []
+    for p, ids, scores, keep in zip(params, top.tolist(), top_probs.tolist(), above.tolist(), strict=True):
+        results.append(
+            [
+                Classification(class_id=c, label=_label(cfg.labels, c), score=score)
+                for c, score, ok in zip(ids[: p.max_detections], scores, keep, strict=False)
+                if ok
+            ]
+        )
+    return results
 
 
 def raw(outputs: dict[str, np.ndarray], n: int) -> list[list[Tensor]]:

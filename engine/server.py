@@ -73,6 +73,7 @@ class Engine:
         # per reply); the flag is reset before the outbox is drained, so no reply waits for a wake.
         self._outbox: deque[tuple[bytes, str, int, bytes]] = deque()
         self._wake_pending = False
+        self._fed: set[Batcher] = set()  # batchers given jobs in this burst: woken once at its end
         self._ctx = zmq.Context()
         self.restarts = 0
         self.ort_cache = settings.lifecycle.cache(settings.repo)
@@ -164,6 +165,9 @@ class Engine:
                     except zmq.Again:
                         break
                     self._handle(router, frames)
+                for batcher in self._fed:
+                    batcher.wake()
+                self._fed.clear()
             now = time.monotonic()
             if now >= next_hb:
                 next_hb = now + hb_every
@@ -257,23 +261,18 @@ class Engine:
 
     def _infer(self, router: zmq.Socket[bytes], identity: bytes, msg: m.Infer) -> None:
         try:
-            job = self._validate(identity, msg)
-            self._route(msg).submit(job)
+            job, batcher = self._validate(identity, msg)
+            batcher.submit(job)
         except RingserveError as exc:
             logger.bind(request_id=msg.req_id).warning("rejected: {}: {}", exc.reason, exc.detail)
             metrics.ENGINE_ERRORS.labels(exc.reason).inc()
             err = m.Error(msg.req_id, msg.slot, msg.generation, exc.reason, exc.detail)
             self._send(router, identity, m.encode(err))
             return
+        self._fed.add(batcher)
         self.workers[identity].busy.add(msg.slot)
 
-    def _route(self, msg: m.Infer) -> Batcher:
-        batcher = self.lifecycle.route((msg.model, msg.version))
-        if batcher is None:  # _validate found it; a swap happens only in this thread
-            raise ModelNotFound(f"model {msg.model} version {msg.version} is not loaded")
-        return batcher
-
-    def _validate(self, identity: bytes, msg: m.Infer) -> Job:
+    def _validate(self, identity: bytes, msg: m.Infer) -> tuple[Job, Batcher]:
         worker = self.workers.get(identity)
         if worker is None or worker.ring is None:
             # A worker that still believes in a previous engine instance: it must re-register.
@@ -290,7 +289,7 @@ class Engine:
         pixels = worker.ring.view(msg.slot, batcher.model.input_shape)
         if msg.deadline < time.time():
             raise DeadlineExceeded("deadline passed before the engine received the request")
-        return Job(identity, msg, pixels, time.perf_counter())
+        return Job(identity, msg, pixels, time.perf_counter()), batcher
 
     def _reply_from_batcher(self, job: Job, msg: m.Message) -> None:
         self._outbox.append((job.identity, job.msg.ring, job.msg.slot, m.encode(msg)))

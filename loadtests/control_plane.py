@@ -104,12 +104,13 @@ def measure(workers: int, slots: int, seconds: float, cpu_max_batch: int) -> dic
         for p in procs:
             p.start()
         engine = psutil.Process(proc.pid)
+        synthetic = [psutil.Process(p.pid) for p in procs]
         while time.time() < start:
             time.sleep(0.001)
-        cpu0 = sum(engine.cpu_times()[:2])
+        cpu0, wcpu0 = _cpu([engine]), _cpu(synthetic)
         while time.time() < end:
             time.sleep(0.001)
-        cpu = sum(engine.cpu_times()[:2]) - cpu0
+        cpu, wcpu = _cpu([engine]) - cpu0, _cpu(synthetic) - wcpu0
         results = [out.get(timeout=30) for _ in procs]
         for p in procs:
             p.join(10)
@@ -123,12 +124,19 @@ def measure(workers: int, slots: int, seconds: float, cpu_max_batch: int) -> dic
             "errors": sum(r["errors"] for r in results),
             "engine_cpu_cores": cpu / seconds,
             "engine_cpu_us_per_image": cpu / max(images, 1) * 1e6,
+            "workers_cpu_cores": wcpu / seconds,
+            "workers_cpu_us_per_image": wcpu / max(images, 1) * 1e6,
             "cores": len(os.sched_getaffinity(0)),
         }
     finally:
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    """User + system seconds of these processes so far."""
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
 
 
 def main() -> None:

@@ -75,6 +75,7 @@ def test_a_thread_that_ends_anyway_is_reported(tmp_path: Path) -> None:
         assert batcher.dead() == []
         msg = m.Infer("r", "scalar", 1, 0, 1, 8, 8, time.time() + 10)
         batcher.submit(Job(b"w", msg, np.zeros((8, 8, 3), np.uint8), time.perf_counter()))
+        batcher.wake()
         wait_for(lambda: bool(batcher.dead()), 10, "the batcher thread to be seen dead")
         assert replied.is_set()
         assert batcher.dead() == ["batcher-scalar-1-0"]
