@@ -63,7 +63,6 @@ class Batcher:
             for k in range(self.instances)
         ]
         labels = (model.config.name, str(model.version))
-        self._m_queue = metrics.QUEUE_WAIT.labels(*labels)
         self._m_infer = metrics.INFERENCE.labels(*labels)
         self._m_batch = metrics.BATCH_SIZE.labels(*labels)
         self._m_images = metrics.IMAGES.labels(*labels)
@@ -210,7 +209,6 @@ class Batcher:
             if tensors is not None and job.msg.raw:
                 result = {**result, "tensors": tensors[i]}
             queue_ms = (started - job.arrived) * 1000
-            self._m_queue.observe(queue_ms / 1000)
             msg = Result(
                 req_id=job.msg.req_id,
                 slot=job.msg.slot,

@@ -7,12 +7,8 @@ from prometheus_client import Counter, Gauge, Histogram
 _MS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
-QUEUE_WAIT = Histogram(
-    "ringserve_queue_wait_seconds",
-    "Time a request waited in the engine before its batch ran",
-    ["model", "version"],
-    buckets=_MS_BUCKETS,
-)
+# ringserve_queue_wait_seconds is measured here but recorded by the worker that receives the
+# Result (frontend/metrics.py): no metric write per image in this process.
 INFERENCE = Histogram(
     "ringserve_inference_duration_seconds",
     "Time to run one batch (copy, session, head)",

@@ -74,7 +74,13 @@ def _lifespan(settings: Settings, metrics_path: Path) -> Callable[[FastAPI], Abs
             compact(metrics_path)  # fold the metric files of dead processes
         except (OSError, ValueError) as exc:  # metrics must never stop a worker from serving
             logger.warning("could not fold old metric files: {}", exc)
-        client = EngineClient(settings.run_dir, settings.ring_slots, settings.heartbeat_timeout_s, ring_changed)
+        client = EngineClient(
+            settings.run_dir,
+            settings.ring_slots,
+            settings.heartbeat_timeout_s,
+            ring_changed,
+            on_result=metrics.observe_queue_wait,
+        )
         app.state.client = client
         app.state.service = ImageService(client, settings, observe_decode=metrics.DECODE.observe)
         await client.start()

@@ -55,6 +55,7 @@ class EngineClient:
         slots: int,
         heartbeat_timeout_s: float,
         on_ring_change: Callable[[int, int], None] | None = None,
+        on_result: Callable[[m.Result], None] | None = None,
     ) -> None:
         from pathlib import Path
 
@@ -68,6 +69,7 @@ class EngineClient:
         self._monitor_sock = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(self.address)
         self.rings = Rings(slots)
+        self._on_result = on_result  # every Result, answered in time or not (the queue-wait metric)
         self.ready: m.Ready | None = None
         self.instance = ""
         self.models: dict[tuple[str, int], m.ModelInfo] = {}
@@ -272,6 +274,8 @@ class EngineClient:
     def _complete(self, msg: m.Result | m.Error) -> None:
         self.rings.release(msg.slot, msg.generation)
         self._ring_changed()
+        if self._on_result is not None and isinstance(msg, m.Result):
+            self._on_result(msg)
         pending = self.pending.pop((msg.slot, msg.generation), None)
         if pending is None or pending.future.done():
             return
