@@ -5,8 +5,9 @@ microseconds of ONNX Runtime per image), then W synthetic worker processes: each
 shared-memory ring, says Hello over its own DEALER like an HTTP worker, and keeps every slot of its
 ring in flight (write the pixels, send Infer; on each Result, release the slot and send the next).
 No HTTP, no decoding: what is left is the engine's receive, validation, routing, batching, slot
-copy, reply encoding and the workers' own sends and receives. Reports images/s over the window,
-the engine's CPU per image (user + system) and the batch sizes it formed.
+copy, reply encoding and the workers' own sends and receives. Reports images/s over the window
+and the CPU per image (user + system) of the engine and, apart, of the synthetic workers (on a
+2-core box they share the cores: the engine's part is the one that is bound to one core by its GIL).
 
     python -m loadtests.control_plane [--workers 2] [--slots 64] [--seconds 5] [--cpu-max-batch -1]
 
