@@ -166,9 +166,7 @@ class Engine:
                     except zmq.Again:
                         break
                     self._handle(router, frames)
-                for batcher in self._fed:
-                    batcher.wake()
-                self._fed.clear()
+                self._wake_fed()
             now = time.monotonic()
             if now >= next_hb:
                 next_hb = now + hb_every
@@ -182,6 +180,13 @@ class Engine:
             self.lifecycle.tick(router)  # loads, swaps and unloads; tells the workers the new model set
             if self._dead_threads():
                 return
+
+    def _wake_fed(self) -> None:
+        """Wake the batchers given jobs in this burst, once each. In a method of its own: a loop
+        variable in _loop would keep the last batcher (and its session) alive after an unload."""
+        for batcher in self._fed:
+            batcher.wake()
+        self._fed.clear()
 
     def _dead_threads(self) -> list[str]:
         """A batcher thread that ended leaves its model with a hole: exit so that we are restarted."""
