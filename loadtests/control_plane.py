@@ -7,7 +7,8 @@ ring in flight (write the pixels, send Infer; on each Result, release the slot a
 No HTTP, no decoding: what is left is the engine's receive, validation, routing, batching, slot
 copy, reply encoding and the workers' own sends and receives. Reports images/s over the window
 and the CPU per image (user + system) of the engine and, apart, of the synthetic workers (on a
-2-core box they share the cores: the engine's part is the one that is bound to one core by its GIL).
+2-core box they share the cores: the engine's part is the one that is bound to one core by its GIL),
+and the mean batch the engine formed.
 
     python -m loadtests.control_plane [--workers 2] [--slots 64] [--seconds 5] [--cpu-max-batch -1]
 
@@ -116,6 +117,7 @@ def measure(workers: int, slots: int, seconds: float, cpu_max_batch: int) -> dic
         for p in procs:
             p.join(10)
         images = sum(r["images"] for r in results)
+        batches = mean_batch(work / "run")
         return {
             "workers": workers,
             "slots_per_worker": slots,
@@ -127,12 +129,31 @@ def measure(workers: int, slots: int, seconds: float, cpu_max_batch: int) -> dic
             "engine_cpu_us_per_image": cpu / max(images, 1) * 1e6,
             "workers_cpu_cores": wcpu / seconds,
             "workers_cpu_us_per_image": wcpu / max(images, 1) * 1e6,
+            "mean_batch": batches,
             "cores": len(os.sched_getaffinity(0)),
         }
     finally:
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def mean_batch(run_dir: Path) -> float:
+    """Images per executed batch over the engine's life (warm-up included), from its metric files."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from ipc.metrics_dir import metrics_dir
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir(run_dir)))
+    total = {
+        s.name: s.value
+        for metric in registry.collect()
+        for s in metric.samples
+        if s.name.startswith("ringserve_batch_size_")
+    }
+    return total.get("ringserve_batch_size_sum", 0.0) / max(total.get("ringserve_batch_size_count", 0.0), 1.0)
 
 
 def _cpu(procs: list[psutil.Process]) -> float:
