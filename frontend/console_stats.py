@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 WINDOW_S = 10.0  # rates and p99 over about this much of the recent past
 MIN_SPAN_S = 0.25  # a baseline younger than this gives a meaningless rate
@@ -30,13 +31,14 @@ class Snapshot:
     restarts: float = 0.0
 
 
-def read_snapshot(at: float | None = None) -> Snapshot:
-    """Read every process's metric files (prometheus_client is imported late: see metrics_dir)."""
+def read_snapshot(at: float | None = None, path: Path | None = None) -> Snapshot:
+    """Read every process's metric files, in ``path`` or this process's metrics directory
+    (prometheus_client is imported late: see metrics_dir)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    MultiProcessCollector(registry, path=None if path is None else str(path))
     return snapshot_of(
         ((s.name, s.labels, s.value) for f in registry.collect() for s in f.samples),
         time.monotonic() if at is None else at,

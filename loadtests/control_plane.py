@@ -140,20 +140,11 @@ def measure(workers: int, slots: int, seconds: float, cpu_max_batch: int) -> dic
 
 def mean_batch(run_dir: Path) -> float:
     """Images per executed batch over the engine's life (warm-up included), from its metric files."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
+    from frontend.console_stats import read_snapshot
     from ipc.metrics_dir import metrics_dir
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(metrics_dir(run_dir)))
-    total = {
-        s.name: s.value
-        for metric in registry.collect()
-        for s in metric.samples
-        if s.name.startswith("ringserve_batch_size_")
-    }
-    return total.get("ringserve_batch_size_sum", 0.0) / max(total.get("ringserve_batch_size_count", 0.0), 1.0)
+    snap = read_snapshot(path=metrics_dir(run_dir))
+    return snap.batch_images / max(snap.batches, 1.0)
 
 
 def _cpu(procs: list[psutil.Process]) -> float:
