@@ -40,9 +40,10 @@ class SharedState:
         self.cache: Any = None
         self.log: Any = None
         if settings.rate_limit:
-            from frontend.state.ratelimit import MIGRATIONS, RateLimits
+            from frontend.state.ratelimit import BUSY_TIMEOUT_MS, MIGRATIONS, RateLimits
 
-            db = self._db(Database(root / "ratelimit.db", MIGRATIONS, name="ratelimit", threads=2, busy_timeout_ms=100))
+            path, busy = root / "ratelimit.db", BUSY_TIMEOUT_MS
+            db = self._db(Database(path, MIGRATIONS, name="ratelimit", threads=2, busy_timeout_ms=busy))
             self.rate = RateLimits(db, settings.rate_limit, settings.rate_limit_strategy)
         if settings.cache_entries:
             from frontend.state import cache

@@ -22,8 +22,6 @@ from frontend.middleware import OPEN_PATHS
 from frontend.state.db import StoreError
 from frontend.state.ratelimit import RateLimits
 
-CHECK_TIMEOUT_S = 0.1
-
 
 @dataclass(frozen=True)
 class Client:
@@ -80,7 +78,7 @@ class ClientGate:
             limits = self.limits()
             if limits is not None and _limited(scope["path"]):
                 try:
-                    verdict = await limits.check(client.key, CHECK_TIMEOUT_S)
+                    verdict = await limits.check(client.key)
                 except StoreError as exc:
                     self.on_error(exc)
                 else:

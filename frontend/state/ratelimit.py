@@ -8,6 +8,13 @@ entries (moving window, the default: an exact sliding log). One check hits every
 limit (``20/second;600/minute``) inside ONE ``BEGIN IMMEDIATE`` transaction, so the workers'
 checks are serialised by SQLite's write lock and a refusal by the second limit rolls back the hit
 on the first: a burst lets through exactly the allowed count, whichever workers it lands on.
+
+A check that fails (the file locked past the busy timeout, full, corrupt; no answer within the
+check's bound) lets its request through, and so does every check of this worker for the next
+``PAUSE_AFTER_ERROR_S``: a locked file costs one request the busy timeout, not every request. The
+bounds are far above what a check takes under contention (a few ms for the write lock, however
+many workers queue for it), so a burst on a busy box is counted exactly, never let through by a
+timeout that only measured the queue.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from limits.strategies import (
     SlidingWindowCounterRateLimiter,
 )
 
-from frontend.state.db import Database
+from frontend.state.db import Database, StoreError
 
 MIGRATIONS = [
     [
@@ -36,6 +43,9 @@ MIGRATIONS = [
         "CREATE INDEX rl_entry_key_at ON rl_entry (key, at)",
     ]
 ]
+BUSY_TIMEOUT_MS = 1000  # SQLite's wait for the write lock that another worker holds
+CHECK_TIMEOUT_S = 2.0  # a check's whole bound, its wait behind this worker's other checks included
+PAUSE_AFTER_ERROR_S = 1.0  # after a failed check, this worker lets requests through unchecked
 STRATEGIES: dict[str, type[RateLimiter]] = {
     "moving-window": MovingWindowRateLimiter,
     "sliding-window-counter": SlidingWindowCounterRateLimiter,
@@ -145,6 +155,10 @@ class SQLiteStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, T
             self.clear(k)
 
 
+class _Paused(StoreError):
+    """Not checked: a recent check of this worker failed (it does not extend the pause)."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
@@ -162,8 +176,10 @@ class RateLimits:
             raise ValueError(f"unknown rate limit strategy {strategy!r}; one of {sorted(STRATEGIES)}")
         self.strategy = STRATEGIES[strategy]
         self._sweep_at = 0.0
+        self._paused_until = 0.0  # monotonic; written on the event loop, read on the DB threads too
 
     def hit(self, conn: sqlite3.Connection, client: str) -> Verdict:
+        self._not_paused()  # a check queued before the error that paused us does not wait its turn
         limiter = self.strategy(SQLiteStorage(conn))
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -192,8 +208,20 @@ class RateLimits:
         conn.execute("DELETE FROM rl_counter WHERE expires <= ?", (now,))
         conn.execute("COMMIT")
 
-    async def check(self, client: str, timeout: float) -> Verdict:
-        return await self.db.call(self.hit, client, timeout=timeout)
+    async def check(self, client: str, timeout: float = CHECK_TIMEOUT_S) -> Verdict:
+        """The client's verdict; :class:`StoreError` when it could not be checked (let it through)."""
+        self._not_paused()
+        try:
+            return await self.db.call(self.hit, client, timeout=timeout)
+        except _Paused:
+            raise
+        except StoreError:
+            self._paused_until = max(self._paused_until, time.monotonic() + PAUSE_AFTER_ERROR_S)
+            raise
+
+    def _not_paused(self) -> None:
+        if (left := self._paused_until - time.monotonic()) > 0:
+            raise _Paused(f"{self.db.name}: not checked for {left:.1f} s more, after a failed check")
 
 
 def parse_limits(spec: str) -> list[RateLimitItem]:
