@@ -6,7 +6,9 @@ bigger ring replaces it (frontend/rings.py); meanwhile a request for it is a 503
 connection (seen at once through the socket's monitor), a heartbeat gap longer than
 ``heartbeat_timeout_s`` or a new engine instance id means the engine is gone: every in-flight
 request fails at once with EngineUnavailable, all slots come back, and the handshake starts again.
-The worker itself never needs a restart.
+The worker itself never needs a restart. A gap is the engine's only when nothing of it waits unread
+in our socket: a worker whose own loop stalled (paused, starved of CPU) finds the engine's
+heartbeats queued there, and must not take its own pause for the engine's death.
 
 Ready means the send path works: with IMMEDIATE, a send on a socket whose connection is gone fails
 at once, so readiness follows the connection itself, not only the last handshake. Each background
@@ -78,7 +80,7 @@ class EngineClient:
         self.pending: dict[tuple[int, int], Pending] = {}
         self.engine_losses = 0
         self.connected = False
-        self._last_seen = 0.0
+        self._heard = False  # a message of the engine arrived since the watch's last tick
         self._last_hello = 0.0
         self._tasks = Supervised()
         self._on_ring_change = on_ring_change or (lambda in_use, slots: None)
@@ -246,7 +248,7 @@ class EngineClient:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 logger.warning("dropped an undecodable engine message: {}", exc)
                 continue
-            self._last_seen = time.monotonic()
+            self._heard = True
             try:
                 self._dispatch(msg)
             except Exception:  # one bad message must not end the task that receives all of them
@@ -312,11 +314,18 @@ class EngineClient:
         self.latest = {name: max(v for n, v in self.models if n == name) for name, _ in self.models}
 
     async def _watch(self) -> None:
+        silence = 0.0  # the engine's silence, in our own running time (see the module's docstring)
+        tick = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_EVERY_S)  # a polling period, not a synchronisation wait
-            now = time.monotonic()
-            if self.ready is not None and now - self._last_seen > self.heartbeat_timeout_s:
-                self._lost(f"no heartbeat for {now - self._last_seen:.2f}s")
+            now, elapsed = time.monotonic(), time.monotonic() - tick
+            tick = now
+            # A late tick is our stall, not the engine's: it counts for two periods at most.
+            silence = 0.0 if self._heard or self.ready is None else silence + min(elapsed, 2 * WATCH_EVERY_S)
+            self._heard = False
+            if silence > self.heartbeat_timeout_s and not self._unread():
+                self._lost(f"no heartbeat for {silence:.2f}s")
+                silence = 0.0
             hello = None
             if self.ready is not None:  # a bigger ring when a model needs one (frontend/rings.py)
                 hello = self.rings.resize(max(map(input_bytes, self.upcoming.values()), default=0), now)
@@ -331,6 +340,10 @@ class EngineClient:
             if hello is not None:
                 with contextlib.suppress(zmq.Again):
                     await self.sock.send(m.encode(hello), zmq.NOBLOCK)
+
+    def _unread(self) -> bool:
+        """Messages of the engine wait in the socket (the receive task has not had its turn yet)."""
+        return bool(int(self.sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
     def _lost(self, why: str) -> None:
         logger.warning("engine lost: {}; failing {} in-flight requests", why, len(self.pending))

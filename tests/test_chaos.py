@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -67,6 +68,9 @@ class Load:
     def count(self) -> int:
         with self._lock:
             return len(self.outcomes)
+
+    def served_since(self, count: int, n: int) -> bool:
+        return self.count() >= count + n
 
     def check_answers(self) -> None:
         for o in self.outcomes:
@@ -154,3 +158,41 @@ def test_sigterm_drains_accepted_requests_and_leaves_nothing(tmp_path: Path, no_
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{app.url}/health/live", timeout=2)
     app._log.close()
+
+
+def _losses(app: Appliance) -> dict[int, int]:
+    """Engine losses seen by each worker that answered one of a few /health calls."""
+    seen: dict[int, int] = {}
+    for _ in range(12):
+        body = httpx.get(f"{app.url}/health", timeout=5).json()
+        seen[body["worker"]["pid"]] = body["engine"]["losses_seen_by_worker"]
+    return seen
+
+
+def test_a_paused_worker_does_not_take_its_own_pause_for_the_engines_death(pixel_repo: Path, no_leaks: None) -> None:
+    """A worker stopped (SIGSTOP: as a starved or swapped-in process) for longer than the heartbeat
+    timeout finds the engine's heartbeats waiting when it runs again: its requests are answered and
+    it loses nothing. Before, it declared the engine lost on every such pause and failed its
+    in-flight requests with 503. An engine that stops is still seen as lost."""
+    pause_s = 1.0  # the fault's length (> heartbeat_timeout_s, 0.6), not a wait for a condition
+    with Appliance(pixel_repo, workers=2) as app:
+        victim = app.worker_pids()[0]
+        with Load(app.url, threads=6) as load:
+            wait_for(lambda: load.count() >= 20, 30, "some load")
+            for _ in range(3):
+                os.kill(victim, signal.SIGSTOP)
+                time.sleep(pause_s)
+                os.kill(victim, signal.SIGCONT)
+                wait_for(functools.partial(load.served_since, load.count(), 10), 30, "service after the pause")
+        load.check_answers()
+        assert {o.status for o in load.outcomes} == {200}, [o for o in load.outcomes if o.status != 200][:3]
+        wait_for(lambda: victim in _losses(app), 30, "the paused worker to answer /health")
+        assert set(_losses(app).values()) == {0}, app.log()[-3000:]
+        assert "engine lost" not in app.log()
+
+        engine = app.engine_pid()
+        os.kill(engine, signal.SIGSTOP)
+        time.sleep(pause_s)
+        os.kill(engine, signal.SIGCONT)
+        wait_for(lambda: any(_losses(app).values()), 30, "a worker to have seen the engine's silence")
+        assert "engine lost: no heartbeat" in app.log()
