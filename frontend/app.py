@@ -12,6 +12,7 @@ from loguru import logger
 
 from frontend import errors
 from frontend.client import EngineClient
+from frontend.fastpath import PATH, PredictFastPath
 from frontend.jsonresp import JSONResponse
 from frontend.middleware import RequestContext
 from frontend.routes import batch, console, deepstack, health, models, predict, stream
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.count_error = lambda reason: metrics.ERRORS.labels(reason).inc()
     app.state.observe_decode = metrics.DECODE.observe
+    app.add_middleware(PredictFastPath, route=predict.route(PATH))  # innermost: inside the gate and key check
     install_state(app, settings)  # frontend/state/: inside RequestContext (after the key check)
     _middleware(app, settings)
     errors.install(app)

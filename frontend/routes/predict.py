@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from frontend import predict
@@ -39,3 +40,8 @@ add_model_routes(
     openapi_extra=_IMAGE_BODY,
     what="Detect (or classify) one image",
 )
+
+
+def route(path: str) -> APIRoute:
+    """The POST route of ``path`` (frontend/fastpath.py labels its metrics with it)."""
+    return next(r for r in router.routes if isinstance(r, APIRoute) and r.path == path and "POST" in (r.methods or ()))
