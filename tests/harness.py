@@ -44,9 +44,17 @@ def bare_engine(repo: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: their sockets are all bound at once, so the kernel cannot hand
+    out one port twice (two calls of ``free_port`` in a row can get the same one)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> None:
@@ -77,9 +85,9 @@ class Appliance:
         self.repo = repo
         self.prefix = prefix
         self.workers = workers
-        self.port = free_port()
+        # never the default gRPC port 8001: SO_REUSEPORT would share it between appliances
+        self.port, self.grpc_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.grpc_port = free_port()  # never the default 8001: SO_REUSEPORT would share it between appliances
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.run_dir = Path(tempfile.mkdtemp(prefix="rs-"))
         self.env = {

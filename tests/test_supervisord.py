@@ -16,7 +16,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.harness import ROOT, free_port, segments, wait_for
+from tests.harness import ROOT, free_ports, segments, wait_for
 from tests.models import expected_box
 
 BIN = Path(sys.executable).parent  # supervisord, supervisorctl and python of this environment
@@ -33,7 +33,7 @@ class Supervisord:
     """``supervisord -n -c supervisord.conf`` in the foreground with its own run dir and port."""
 
     def __init__(self, repo: Path, **env: str) -> None:
-        self.port = free_port()
+        self.port, grpc_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.port}"
         # short: the engine socket's path must fit in sun_path (108 bytes)
         self.run_dir = Path(tempfile.mkdtemp(prefix="rs-sv-"))
@@ -49,7 +49,7 @@ class Supervisord:
             "RINGSERVE_DEFAULT_MODEL": "pixels",
             "RINGSERVE_HOST": "127.0.0.1",
             "RINGSERVE_PORT": str(self.port),
-            "RINGSERVE_GRPC_PORT": str(free_port()),  # never the shared default 8001 (SO_REUSEPORT)
+            "RINGSERVE_GRPC_PORT": str(grpc_port),  # never the shared default 8001 (SO_REUSEPORT)
             "RINGSERVE_WORKERS": "2",
             "RINGSERVE_PROVIDERS": "cpu",
             "RINGSERVE_ORT_THREADS": "1",
