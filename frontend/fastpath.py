@@ -1,9 +1,10 @@
 """``POST /api/v1/predict`` for its two common bodies, in plain ASGI (issue 15).
 
 The route the appliance answers most went through FastAPI's router (a regex per route), its
-request handler and dependency solving, Starlette's form machinery (an ``UploadFile`` on a spooled
-temporary file per part) and a response model: about 2.4 ms of the worker's Python per Lite0
-request, the largest overhead left against the ceiling on a 2-core box.
+request handler and dependency solving, and Starlette's form machinery (an ``UploadFile`` on a
+spooled temporary file per part): a good part of the 2.4 ms of Python that a worker's event loop
+spent per Lite0 request, the largest overhead left against the ceiling on a 2-core box. Answered
+here, a request costs the worker about 0.9 ms less CPU (README, Benchmark).
 
 Here it answers what it can answer exactly as the route would: a raw image body, or a multipart
 body whose only part is the file ``image``, with no query string and no Content-Encoding, for
