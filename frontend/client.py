@@ -318,8 +318,8 @@ class EngineClient:
         tick = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_EVERY_S)  # a polling period, not a synchronisation wait
-            now, elapsed = time.monotonic(), time.monotonic() - tick
-            tick = now
+            now = time.monotonic()
+            elapsed, tick = now - tick, now
             # A late tick is our stall, not the engine's: it counts for two periods at most.
             silence = 0.0 if self._heard or self.ready is None else silence + min(elapsed, 2 * WATCH_EVERY_S)
             self._heard = False

@@ -85,5 +85,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.bind(request_id=request_id(request)).exception("unhandled error")
-        return error_response(request, 500, "internal", "internal server error")
+        return internal(request)
+
+
+def internal(request: HTTPConnection) -> JSONResponse:
+    """The 500 of an unexpected exception (call it while handling one: its traceback is logged)."""
+    logger.bind(request_id=request_id(request)).exception("unhandled error")
+    return error_response(request, 500, "internal", "internal server error")

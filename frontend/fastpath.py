@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 import python_multipart
-from loguru import logger
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,12 +30,12 @@ from frontend import errors
 from frontend.body import read_limited
 from frontend.jsonresp import JSONResponse
 from frontend.params import ascii_int, parse_params
-from frontend.predict import RAW_TYPES
+from frontend.predict import RAW_ACCEPTED
 from frontend.service import ImageRequest
 from ipc.errors import RingserveError
 
 PATH = "/api/v1/predict"
-_RAW = frozenset(t.encode() for t in (*RAW_TYPES, "image/jpg"))
+_RAW = frozenset(t.encode() for t in RAW_ACCEPTED)
 _DEFAULTS = parse_params({})
 
 
@@ -95,8 +94,7 @@ class PredictFastPath:
             await errors.to_response(Request(scope), exc)(scope, receive, send)
             return
         except Exception:
-            logger.bind(request_id=request_id).exception("unhandled error")
-            await errors.error_response(Request(scope), 500, "internal", "internal server error")(scope, receive, send)
+            await errors.internal(Request(scope))(scope, receive, send)
             return
         await JSONResponse(result.response().model_dump(mode="json", exclude_none=True))(scope, receive, send)
 

@@ -19,7 +19,7 @@ from frontend.schemas import PredictJSON
 from frontend.settings import Settings
 from ipc.errors import BadInput, InvalidParameter, PayloadTooLarge, UnsupportedMedia
 
-__all__ = ["RAW_TYPES", "Params", "Upload", "b64decode", "checked_query", "parse_params", "read_upload"]
+__all__ = ["RAW_ACCEPTED", "RAW_TYPES", "Params", "Upload", "b64decode", "checked_query", "parse_params", "read_upload"]
 
 # Raw bodies accepted as an image (the OpenAPI schema documents these too).
 RAW_TYPES = (
@@ -31,7 +31,7 @@ RAW_TYPES = (
     "image/tiff",
     "application/octet-stream",
 )
-_RAW_TYPES = {*RAW_TYPES, "image/jpg"}
+RAW_ACCEPTED = frozenset({*RAW_TYPES, "image/jpg"})  # documented, and the common misspelling
 _FORM_FIELDS = 16
 
 
@@ -86,7 +86,7 @@ async def read_upload(request: Request, settings: Settings) -> Upload:
     """One image from multipart (field ``image``), JSON ``{image_b64, ...}`` or a raw body."""
     ctype = content_type(request)
     query = checked_query(request)
-    if ctype not in ("multipart/form-data", "application/json") and ctype not in _RAW_TYPES:
+    if ctype not in ("multipart/form-data", "application/json") and ctype not in RAW_ACCEPTED:
         if not ctype:
             raise UnsupportedMedia("a Content-Type is required (multipart/form-data, application/json or image/*)")
         raise UnsupportedMedia(f"unsupported Content-Type {ctype!r}")
