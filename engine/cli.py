@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
         help="the engine restart delay doubles from 0.5 s up to this",
     )
 
-    front = sub.add_parser("frontend", help="run only the HTTP workers (uvicorn; what supervisord runs)")
+    front = sub.add_parser("frontend", help="run only the HTTP workers (what supervisord runs)")
     front.add_argument(
         "--run-dir",
         type=Path,
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(Launcher(args).run())
     elif args.command == "frontend":
-        from engine.frontend_cmd import FrontendArgs, exec_frontend
+        from engine.frontend_cmd import FrontendArgs, run_frontend
 
-        exec_frontend(FrontendArgs(args.host, args.port, args.workers, args.drain_timeout, args.run_dir))
+        sys.exit(run_frontend(FrontendArgs(args.host, args.port, args.workers, args.drain_timeout, args.run_dir)))
     elif args.command == "models":
         from engine import pull
 

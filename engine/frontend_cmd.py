@@ -1,21 +1,33 @@
-"""The one builder of the HTTP workers' command line (uvicorn), for ``ringserve serve`` and for
-``ringserve frontend`` (which supervisord.conf runs), so the two cannot drift apart.
+"""The HTTP workers of ``ringserve serve`` and ``ringserve frontend`` (which supervisord.conf runs):
+one builder of their command line and one pool that runs them, so the two cannot drift apart.
 
-The workers are started by module path (``frontend.app:create_app``), never imported here: the
-engine side does not depend on the frontend.
+The port is bound once, here, and every worker inherits the listening socket (``--fd``): the
+kernel hands each new connection to whichever worker accepts it first. There is no uvicorn
+supervisor process and no multiprocessing resource tracker beside the workers (their 24 MB of
+PSS were a tenth of the Lite0 appliance's). The workers are started by module path
+(``frontend.worker``), never imported here: the engine side does not depend on the frontend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from loguru import logger
 
 from ipc.metrics_dir import ENV as METRICS_ENV
 from ipc.metrics_dir import metrics_dir
 
-DEFAULT_MAX_BODY = 20 * 1024 * 1024  # frontend/settings.py: max_body_bytes
+STARTUP_FAILURE = 3  # frontend/worker.py: the worker's app could not start
+BACKLOG = 2048  # uvicorn's own default
 
 
 @dataclass(frozen=True)
@@ -31,28 +43,8 @@ def worker_count(workers: int) -> int:
     return workers or len(os.sched_getaffinity(0))
 
 
-def uvicorn_argv(a: FrontendArgs) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "frontend.app:create_app",
-        "--factory",
-        "--host",
-        a.host,
-        "--port",
-        str(a.port),
-        "--workers",
-        str(worker_count(a.workers)),
-        "--timeout-graceful-shutdown",
-        str(int(a.drain_timeout)),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        # WebSocket frames may be as large as a request body (RINGSERVE_MAX_BODY_BYTES).
-        "--ws-max-size",
-        str(int(os.environ.get("RINGSERVE_MAX_BODY_BYTES", DEFAULT_MAX_BODY)) + 4096),
-    ]
+def worker_argv(a: FrontendArgs, fd: int) -> list[str]:
+    return [sys.executable, "-m", "frontend.worker", "--fd", str(fd), "--drain-timeout", str(a.drain_timeout)]
 
 
 def frontend_env(run_dir: Path) -> dict[str, str]:
@@ -60,12 +52,112 @@ def frontend_env(run_dir: Path) -> dict[str, str]:
     return {"RINGSERVE_RUN_DIR": str(run_dir), METRICS_ENV: str(metrics_dir(run_dir))}
 
 
-def exec_frontend(a: FrontendArgs) -> None:
-    """``ringserve frontend``: become uvicorn (the process a supervisor signals and watches)."""
+def listen(host: str, port: int) -> socket.socket:
+    """The workers' listening socket, inheritable (as uvicorn binds it: SO_REUSEADDR, its backlog)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class HttpWorkers:
+    """W worker processes on one listening socket. A worker that dies is replaced at once (as
+    uvicorn's supervisor did); one that exits with STARTUP_FAILURE stops the pool, since every
+    replacement would fail the same way. ``own_groups``: each worker leads a process group of its
+    own, so a terminal's Ctrl-C reaches only the caller, which drains the workers before it stops
+    the engine (``ringserve serve``); otherwise they stay in the caller's group, which supervisord
+    signals and kills as a whole (``stopasgroup``, ``killasgroup``)."""
+
+    def __init__(self, a: FrontendArgs, env: dict[str, str], own_groups: bool) -> None:
+        self.args = a
+        self.env = env
+        self.own_groups = own_groups
+        self.sock: socket.socket | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def start(self) -> None:
+        self.sock = listen(self.args.host, self.args.port)
+        self.procs = [self._spawn() for _ in range(worker_count(self.args.workers))]
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        assert self.sock is not None
+        fd = self.sock.fileno()
+        return subprocess.Popen(
+            worker_argv(self.args, fd), env=self.env, pass_fds=(fd,), start_new_session=self.own_groups
+        )
+
+    def check(self) -> int | None:
+        """Replace every worker that died; the exit code the pool must stop with, if one could not start."""
+        for i, proc in enumerate(self.procs):
+            code = proc.poll()
+            if code is None:
+                continue
+            if code == STARTUP_FAILURE:
+                logger.error("HTTP worker {} could not start (exit {}); stopping", proc.pid, code)
+                return code
+            self.procs[i] = self._spawn()
+            logger.error("HTTP worker {} exited with {}; started {}", proc.pid, code, self.procs[i].pid)
+        return None
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM every worker (each stops accepting and drains), SIGKILL what is left after ``timeout``."""
+        if self.sock is not None:
+            self.sock.close()  # the workers' own copies close as they stop accepting
+        alive = [p for p in self.procs if p.poll() is None]
+        if alive:
+            logger.info("stopping HTTP workers (pids {})", [p.pid for p in alive])
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in alive:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("HTTP worker {} did not stop in {:.0f}s; killing", proc.pid, timeout)
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if self.own_groups:
+                    os.killpg(proc.pid, signal.SIGKILL)  # nothing of its group may outlive it
+                elif proc.poll() is None:
+                    proc.kill()
+            proc.wait()
+
+
+def run_frontend(a: FrontendArgs) -> int:
+    """``ringserve frontend``: the workers in the foreground, until SIGTERM or SIGINT (supervisord)."""
     from ipc.sockets import prepare_run_dir
 
     prepare_run_dir(a.run_dir)
-    os.environ.update(frontend_env(a.run_dir))
-    os.environ["RINGSERVE_HOST"] = a.host  # the workers' gRPC server binds the HTTP host (as serve's)
-    argv = uvicorn_argv(a)
-    os.execv(argv[0], argv)
+    env = dict(os.environ, **frontend_env(a.run_dir))
+    env["RINGSERVE_HOST"] = a.host  # the workers' gRPC server binds the HTTP host (as serve's)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: stopping.set())
+    workers = HttpWorkers(a, env, own_groups=False)
+    try:
+        workers.start()
+    except OSError as exc:
+        logger.error("cannot listen on {}:{}: {}", a.host, a.port, exc)
+        return 1
+    logger.info("serving on http://{}:{} ({} workers)", a.host, a.port, len(workers.procs))
+    code = 0
+    try:
+        while not stopping.wait(0.1):
+            if workers.check() is not None:
+                code = 1
+                break
+    finally:
+        workers.stop(a.drain_timeout + 5)
+    return code

@@ -1,4 +1,4 @@
-"""``ringserve serve``: the engine plus uvicorn HTTP workers, supervised in the foreground.
+"""``ringserve serve``: the engine plus the HTTP workers, supervised in the foreground.
 
 Signal handlers only set a flag. The engine is restarted with capped exponential backoff; a start
 that stays up for STABLE_S resets the backoff. SIGTERM/SIGINT: the HTTP workers stop accepting and
@@ -21,7 +21,7 @@ import zmq
 from loguru import logger
 
 from engine import control
-from engine.frontend_cmd import FrontendArgs, frontend_env, uvicorn_argv, worker_count
+from engine.frontend_cmd import FrontendArgs, HttpWorkers, frontend_env, worker_count
 from ipc import messages as m
 from ipc.metrics_dir import metrics_dir, wipe
 from ipc.shm import ShmTooSmall, remove_orphans, ring_bytes, shm_free_bytes
@@ -67,7 +67,7 @@ class Launcher:
         self.address = engine_address(self.run_dir)
         self.stopping = threading.Event()
         self.engine: subprocess.Popen[bytes] | None = None
-        self.frontend: subprocess.Popen[bytes] | None = None
+        self.frontend: HttpWorkers | None = None
         self.restarts = 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -97,15 +97,18 @@ class Launcher:
             *control.argv(a),
         ]
 
-    def _frontend_cmd(self) -> list[str]:
-        a = self.args
-        return uvicorn_argv(FrontendArgs(a.host, a.port, a.workers, a.drain_timeout, self.run_dir))
-
-    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def _env(self) -> dict[str, str]:
         env = dict(os.environ, **frontend_env(self.run_dir))
         env["RINGSERVE_MODEL_REPO"] = str(self.args.repo.resolve())  # workers: data/ lies beside it
         env["RINGSERVE_HOST"] = self.args.host  # the workers' gRPC server binds the HTTP host
-        return subprocess.Popen(cmd, env=env, start_new_session=True)
+        return env
+
+    def _http_workers(self) -> HttpWorkers:
+        a = self.args
+        return HttpWorkers(FrontendArgs(a.host, a.port, a.workers, a.drain_timeout, self.run_dir), self._env(), True)
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(cmd, env=self._env(), start_new_session=True)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -127,7 +130,12 @@ class Launcher:
             if self.stopping.is_set():
                 return 0
             self._check_shm(ready.slot_bytes)
-            self.frontend = self._spawn(self._frontend_cmd())
+            self.frontend = self._http_workers()
+            try:
+                self.frontend.start()
+            except OSError as exc:  # the port: in use, or not ours to bind
+                logger.error("cannot listen on {}:{}: {}", self.args.host, self.args.port, exc)
+                return 1
             logger.info("serving on http://{}:{}", self.args.host, self.args.port)
             return self._supervise()
         except (RuntimeError, TimeoutError, ShmTooSmall) as exc:
@@ -153,8 +161,7 @@ class Launcher:
         deaths: list[float] = []  # engine exits within the last restart window
         while not self.stopping.wait(0.1):
             assert self.engine is not None and self.frontend is not None
-            if self.frontend.poll() is not None:
-                logger.error("the HTTP workers exited with {}", self.frontend.returncode)
+            if self.frontend.check() is not None:
                 return 1
             if self.engine.poll() is None:
                 continue
@@ -186,7 +193,8 @@ class Launcher:
 
     def _shutdown(self) -> None:
         drain = self.args.drain_timeout
-        _stop(self.frontend, "HTTP workers", drain + 5)
+        if self.frontend is not None:
+            self.frontend.stop(drain + 5)
         _stop(self.engine, "engine", 10)
         path = socket_path(self.address)
         if path is not None:
@@ -200,7 +208,6 @@ def _stop(proc: subprocess.Popen[bytes] | None, what: str, timeout: float) -> No
     if proc is None or proc.poll() is not None:
         return
     logger.info("stopping {} (pid {})", what, proc.pid)
-    # SIGTERM to the leader only: uvicorn's supervisor forwards it to its workers once.
     proc.terminate()
     try:
         proc.wait(timeout)

@@ -112,7 +112,7 @@ def measure(pairs: int, warmup: int, blocks: int, width: int, height: int) -> di
             for path, seconds in got.items():
                 times[path].append(seconds)
             diffs.append(got[DEEPSTACK] - got[REST])
-        worker = (app.worker_pids() or [app.uvicorn_pid()])[0]
+        worker = app.worker_pids()[0]
         cpu = _cpu_per_request(conn, worker, bodies, blocks, max(1, pairs // blocks))
         conn.close()
     low, high = _bootstrap(diffs)

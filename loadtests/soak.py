@@ -4,7 +4,7 @@ Starts the appliance (``ringserve serve`` on the default model, in a private run
 targets a running one, sends the test photos at camera sizes (640x480 to 1920x1080) as multipart,
 JSON base64 and raw JPEG bodies from ``--concurrency`` clients back to back, checks each answer
 (status 200 and the label the photo must give), and every ``--sample-s`` seconds records the RSS
-of every process of the appliance (launcher, engine, uvicorn main, each HTTP worker) and the
+of every process of the appliance (launcher, engine, each HTTP worker) and the
 number of ring segments in /dev/shm. At the end: a summary table on stdout and everything in JSON.
 
     python -m loadtests.soak                      # 2 minutes, 8 clients, starts the appliance
@@ -93,24 +93,21 @@ def bodies() -> list[Body]:
 
 # ----------------------------------------------------------------------------- processes
 def roles(root: psutil.Process) -> dict[str, psutil.Process]:
-    """The appliance's processes by role: launcher, engine, uvicorn (main), worker, resource tracker."""
+    """The appliance's processes by role: launcher (or supervisord), engine, the workers' pool
+    (``ringserve frontend``, under supervisord), each HTTP worker."""
     found = {f"launcher {root.pid}": root}
     try:
         children = root.children(recursive=True)
     except psutil.NoSuchProcess:
         return {}
-    line = {p.pid: " ".join(_cmd(p)) for p in children}
-    has_workers = any("spawn_main" in c for c in line.values())
     for p in children:
-        cmd = line[p.pid]
-        if "spawn_main" in cmd:
+        cmd = _cmd(p)
+        if "frontend.worker" in cmd:
             found[f"worker {p.pid}"] = p
-        elif "resource_tracker" in cmd:
-            found[f"resource-tracker {p.pid}"] = p
-        elif " uvicorn " in f" {cmd} ":
-            found[f"uvicorn {p.pid}" if has_workers else f"uvicorn+worker {p.pid}"] = p
-        elif " engine engine " in f" {cmd} " or "engine" in _cmd(p)[2:4]:
+        elif cmd[2:4] == ["engine", "engine"]:
             found[f"engine {p.pid}"] = p
+        elif cmd[2:4] == ["engine", "frontend"]:  # under supervisord: the workers' pool
+            found[f"frontend {p.pid}"] = p
     return found
 
 

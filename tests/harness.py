@@ -124,7 +124,7 @@ class Appliance:
         try:
             self.wait_ready(timeout)
             if self.workers > 1:
-                wait_for(lambda: len(self.worker_pids()) == self.workers, timeout, "all uvicorn workers")
+                wait_for(lambda: len(self.worker_pids()) == self.workers, timeout, "all HTTP workers")
                 self.wait_all_workers_ready(timeout)
         except BaseException:
             self.kill()  # a failed start must not leave the appliance running
@@ -176,14 +176,13 @@ class Appliance:
                 return p.pid
         raise AssertionError("no engine process")
 
-    def uvicorn_pid(self) -> int:
-        for p in self.tree():
-            if "uvicorn" in p.cmdline():
-                return p.pid
-        raise AssertionError("no uvicorn process")
-
     def worker_pids(self) -> list[int]:
-        return [c.pid for c in psutil.Process(self.uvicorn_pid()).children() if _is_worker(c)]
+        """The HTTP workers: children of ``ringserve serve`` itself (engine/frontend_cmd.py)."""
+        assert self.proc is not None
+        try:
+            return [c.pid for c in psutil.Process(self.proc.pid).children() if is_worker(c)]
+        except psutil.NoSuchProcess:
+            return []
 
     def kill(self) -> None:
         """SIGKILL the whole appliance (its own process group) and reap it."""
@@ -229,9 +228,9 @@ class Appliance:
         self.log_path.unlink(missing_ok=True)
 
 
-def _is_worker(p: psutil.Process) -> bool:
+def is_worker(p: psutil.Process) -> bool:
+    """An HTTP worker process (``python -m frontend.worker``)."""
     try:
-        cmd = p.cmdline()
+        return "frontend.worker" in p.cmdline()
     except psutil.NoSuchProcess:
         return False
-    return "spawn_main" in " ".join(cmd)

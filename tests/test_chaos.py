@@ -124,7 +124,7 @@ def test_worker_kill_is_replaced_and_its_segment_reclaimed(pixel_repo: Path, no_
             wait_for(
                 lambda: victim not in app.worker_pids() and len(app.worker_pids()) == 2,
                 30,
-                "uvicorn to replace the worker",
+                "the launcher to replace the worker",
             )
             dead = {s for s in segments() if s.split("-")[2] == str(victim)}
             # The replacement worker removes segments of dead pids when it starts.

@@ -211,7 +211,7 @@ def test_supervisord_conf_programs() -> None:
     conf = supervisord_conf()
     engine, frontend = conf["program:engine"], conf["program:frontend"]
     assert engine["command"] == "python -m engine engine"
-    # the uvicorn command line is built by ringserve itself (engine/frontend_cmd.py), as for serve
+    # the workers' command line is built by ringserve itself (engine/frontend_cmd.py), as for serve
     assert frontend["command"] == """sh -c 'exec python -m engine frontend --host "${RINGSERVE_HOST:-0.0.0.0}"'"""
     # stop order: the HTTP workers drain first, while the engine still answers them
     assert int(frontend["priority"]) > int(engine["priority"])
@@ -232,21 +232,31 @@ def test_supervisord_conf_programs() -> None:
     assert any(k == "RUN" and "install -d -o ringserve -g ringserve -m 0700 /run/ringserve" in a for k, a in runtime)
 
 
-def test_serve_and_supervisord_build_one_uvicorn_command_line(tmp_path: Path) -> None:
-    """``ringserve frontend`` (supervisord) and ``ringserve serve`` share the argument parser and the
-    builder, so the uvicorn flags (--ws-max-size among them) cannot drift apart again."""
+def test_serve_and_supervisord_build_one_worker_command_line(tmp_path: Path) -> None:
+    """``ringserve frontend`` (supervisord) and ``ringserve serve`` share the argument parser, the
+    builder and the pool of HTTP workers, so their flags cannot drift apart again."""
     from engine.cli import parser
-    from engine.frontend_cmd import FrontendArgs, uvicorn_argv
+    from engine.frontend_cmd import FrontendArgs, worker_argv
     from engine.launcher import Launcher
 
     common = ["--port", "8123", "--workers", "3", "--drain-timeout", "7", "--run-dir", str(tmp_path)]
     serve = parser().parse_args(["serve", *common])
     front = parser().parse_args(["frontend", *common])
-    built = uvicorn_argv(FrontendArgs(front.host, front.port, front.workers, front.drain_timeout, front.run_dir))
-    assert Launcher(serve)._frontend_cmd() == built
-    assert built[built.index("--ws-max-size") + 1] == str(20 * 1024 * 1024 + 4096)
-    assert built[built.index("--workers") + 1] == "3"
-    assert built[built.index("--timeout-graceful-shutdown") + 1] == "7"
+    args = FrontendArgs(front.host, front.port, front.workers, front.drain_timeout, front.run_dir)
+    pool = Launcher(serve)._http_workers()
+    assert pool.args == args and pool.own_groups  # serve: a terminal's Ctrl-C reaches only the launcher
+    built = worker_argv(args, 5)
+    assert built[1:] == ["-m", "frontend.worker", "--fd", "5", "--drain-timeout", "7.0"]
+
+
+def test_the_worker_takes_its_websocket_limit_and_drain_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from frontend.settings import Settings
+    from frontend.worker import config
+
+    monkeypatch.setenv("RINGSERVE_MAX_BODY_BYTES", str(5 * 1024 * 1024))
+    c = config(7.0, Settings())
+    assert c.ws_max_size == 5 * 1024 * 1024 + 4096  # a frame may carry a whole request body
+    assert c.timeout_graceful_shutdown == 7 and c.factory and not c.access_log
 
 
 def test_supervisord_accepts_the_conf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

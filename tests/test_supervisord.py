@@ -16,7 +16,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.harness import ROOT, free_ports, segments, wait_for
+from tests.harness import ROOT, free_ports, is_worker, segments, wait_for
 from tests.models import expected_box
 
 BIN = Path(sys.executable).parent  # supervisord, supervisorctl and python of this environment
@@ -145,14 +145,7 @@ class Supervisord:
         return True
 
     def worker_pids(self) -> set[int]:
-        return {c.pid for c in psutil.Process(self.pid("frontend")).children() if _is_worker(c)}
-
-
-def _is_worker(p: psutil.Process) -> bool:
-    try:
-        return "spawn_main" in " ".join(p.cmdline())
-    except psutil.NoSuchProcess:
-        return False
+        return {c.pid for c in psutil.Process(self.pid("frontend")).children() if is_worker(c)}
 
 
 def _engines_seen(url: str, asks: int) -> dict[int, str]:
