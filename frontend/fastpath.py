@@ -86,6 +86,7 @@ class PredictFastPath:
         except _Fallback:
             await self.app(scope, _replay(body, receive), send)
             return
+        del body  # a multipart body is not kept beside its image while the engine answers
         request_id = scope["state"]["request_id"]
         req = ImageRequest(settings.default_model, None, _DEFAULTS, request_id, time.monotonic(), image=image)
         try:

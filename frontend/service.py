@@ -130,7 +130,9 @@ class ImageService:
         started = time.perf_counter()
         info = self.model(req.model, req.version)
         deadline = self.deadline(req)
-        prepared = await self._prepare(req, info, deadline)
+        # Held only until it is in the slot: a worker's requests wait for the engine far longer than
+        # they take to decode, and their decoded pixels (up to 0.9 MB each) would wait with them.
+        pending = [await self._prepare(req, info, deadline)]
         if self._observe_decode is not None and req.pixels is None:
             self._observe_decode(time.perf_counter() - started)  # every decoded image, answered or not
         remaining = deadline - time.monotonic()
@@ -140,6 +142,7 @@ class ImageService:
         filled: list[float] = []
 
         def fill(out: np.ndarray) -> None:  # runs once a slot is ours: resize straight into it
+            prepared = pending.pop()
             if prepared.exact:
                 np.copyto(out, prepared.img)
                 geometry.append(imaging.Geometry(prepared.width, prepared.height, 1.0, 1.0, 0.0, 0.0))
