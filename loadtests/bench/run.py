@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"subset of {','.join(ALL_TARGETS)}")
     p.add_argument("--sizes", default="640x480,1280x720,1920x1080", help="photo sizes of the payload mix")
     p.add_argument("--hop-n", type=int, default=None, help="round trips of the IPC hop measure (default 2000)")
+    p.add_argument(
+        "--control-s", type=float, default=None, help="seconds of the control-plane measure (default 5; 0: skip)"
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: 2 s points, concurrency 1,16")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
@@ -59,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seconds = args.seconds if args.seconds is not None else (2.0 if quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 2.0)
     args.hop_n = args.hop_n if args.hop_n is not None else (300 if quick else 2000)
+    args.control_s = args.control_s if args.control_s is not None else (1.0 if quick else 5.0)
     args.targets = [t for t in args.targets.split(",") if t]
     unknown = set(args.targets) - set(ALL_TARGETS)
     if unknown:
@@ -70,7 +74,7 @@ def estimate_s(args: argparse.Namespace) -> float:
     point = args.warmup + args.seconds + 1.5
     http = sum(t in HTTP_TARGETS for t in args.targets) * (START_ALLOWANCE_S + len(args.concurrency) * point)
     ceil = len(ceiling.CONFIGS) * (point + 5) if "ceiling" in args.targets else 0
-    return http + ceil + 10
+    return http + ceil + 10 + (args.control_s + 10 if args.control_s > 0 else 0)
 
 
 def write_payloads(scratch: Path, sizes: str) -> list[dict[str, str]]:
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(began)),
         }
         results["ipc_hop"] = ipc_hop(args.hop_n)
+        results["control_plane"] = control_plane(args.control_s)
         results["targets"] = []
         for key in args.targets:
             if key in HTTP_TARGETS:
@@ -288,6 +293,21 @@ def main(argv: list[str] | None = None) -> None:
         log(f"wrote {args.out}/{stem}.json, .md, .png in {results['duration_s']:.0f} s")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def control_plane(seconds: float) -> dict[str, Any]:
+    """The engine alone with synthetic workers and a trivial model (issue 15, point 4)."""
+    from loadtests.control_plane import SIZE, measure
+
+    if seconds <= 0:
+        return {}
+    try:
+        cp = measure(2, 64, seconds, -1)
+    except Exception as exc:  # a failed side measure must not lose the benchmark
+        log(f"  control plane: FAILED: {exc}")
+        return {"error": str(exc)}
+    log(f"  control plane: {cp['images_per_s']:,.0f} images/s, {cp['engine_cpu_us_per_image']:.0f} us engine CPU/image")
+    return {**cp, "size": SIZE}
 
 
 def ipc_hop(n: int) -> dict[str, Any]:
