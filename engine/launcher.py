@@ -155,17 +155,25 @@ class Launcher:
         logger.info("rings: {} x {:.1f} MB of {:.1f} MB free in /dev/shm", workers, needed / workers / mb, free / mb)
 
     def _supervise(self) -> int:
+        """Until SIGTERM/SIGINT: replace dead HTTP workers, restart the engine after its backoff
+        (the workers are still watched while it waits)."""
         a = self.args
         first = min(0.5, a.restart_backoff_max)
         backoff, started = first, time.monotonic()
         deaths: list[float] = []  # engine exits within the last restart window
+        restart_at: float | None = None
         while not self.stopping.wait(0.1):
             assert self.engine is not None and self.frontend is not None
             if self.frontend.check() is not None:
                 return 1
+            now = time.monotonic()
+            if restart_at is not None:
+                if now >= restart_at:
+                    restart_at, started = None, now
+                    self.engine = self._spawn(self._engine_cmd())
+                continue
             if self.engine.poll() is None:
                 continue
-            now = time.monotonic()
             deaths = [t for t in deaths if now - t < a.restart_window] + [now]
             if len(deaths) > a.max_restarts:
                 logger.error(
@@ -184,11 +192,8 @@ class Launcher:
             logger.error(
                 "engine exited with {}; restart #{} in {:.1f}s", self.engine.returncode, self.restarts, backoff
             )
-            if self.stopping.wait(backoff):
-                break
+            restart_at = now + backoff
             backoff = min(backoff * 2, a.restart_backoff_max)
-            started = time.monotonic()
-            self.engine = self._spawn(self._engine_cmd())
         return 0
 
     def _shutdown(self) -> None:
