@@ -61,6 +61,12 @@ def _http(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=_env("PORT", "8000"))
     p.add_argument("--workers", type=int, default=_env("WORKERS", "0"), help="HTTP worker processes (0: one per core)")
     p.add_argument("--drain-timeout", type=float, default=_env("DRAIN_TIMEOUT_S", "15"))
+    p.add_argument(
+        "--worker-hang-timeout",
+        type=float,
+        default=_env("WORKER_HANG_S", "30"),
+        help="replace an HTTP worker whose event loop has not run for this long (0: never)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "frontend":
         from engine.frontend_cmd import FrontendArgs, run_frontend
 
-        sys.exit(run_frontend(FrontendArgs(args.host, args.port, args.workers, args.drain_timeout, args.run_dir)))
+        a = FrontendArgs(args.host, args.port, args.workers, args.drain_timeout, args.run_dir, args.worker_hang_timeout)
+        sys.exit(run_frontend(a))
     elif args.command == "models":
         from engine import pull
 

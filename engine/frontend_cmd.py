@@ -37,14 +37,32 @@ class FrontendArgs:
     workers: int  # 0: one per core
     drain_timeout: float
     run_dir: Path
+    hang_timeout: float = 30.0  # a worker whose event loop is silent this long is replaced; 0: never
+
+
+@dataclass
+class _Worker:
+    proc: subprocess.Popen[bytes]
+    alive: int  # the read end of the pipe its event loop writes a byte to every second
+    heard: float  # time.monotonic() of its last byte, or of its start
 
 
 def worker_count(workers: int) -> int:
     return workers or len(os.sched_getaffinity(0))
 
 
-def worker_argv(a: FrontendArgs, fd: int) -> list[str]:
-    return [sys.executable, "-m", "frontend.worker", "--fd", str(fd), "--drain-timeout", str(a.drain_timeout)]
+def worker_argv(a: FrontendArgs, fd: int, alive_fd: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "frontend.worker",
+        "--fd",
+        str(fd),
+        "--drain-timeout",
+        str(a.drain_timeout),
+        "--alive-fd",
+        str(alive_fd),
+    ]
 
 
 def frontend_env(run_dir: Path) -> dict[str, str]:
@@ -69,52 +87,84 @@ def listen(host: str, port: int) -> socket.socket:
 
 class HttpWorkers:
     """W worker processes on one listening socket. A worker that dies is replaced at once (as
-    uvicorn's supervisor did); one that exits with STARTUP_FAILURE stops the pool, since every
-    replacement would fail the same way. ``own_groups``: each worker leads a process group of its
-    own, so a terminal's Ctrl-C reaches only the caller, which drains the workers before it stops
-    the engine (``ringserve serve``); otherwise they stay in the caller's group, which supervisord
-    signals and kills as a whole (``stopasgroup``, ``killasgroup``)."""
+    uvicorn's supervisor did), and so is one whose event loop has not written to its pipe for
+    ``hang_timeout`` seconds (killed first: stopped, or stuck in a call that never returns); one
+    that exits with STARTUP_FAILURE stops the pool, since every replacement would fail the same
+    way. ``own_groups``: each worker leads a process group of its own, so a terminal's Ctrl-C
+    reaches only the caller, which drains the workers before it stops the engine (``ringserve
+    serve``); otherwise they stay in the caller's group, which supervisord signals and kills as a
+    whole (``stopasgroup``, ``killasgroup``)."""
 
     def __init__(self, a: FrontendArgs, env: dict[str, str], own_groups: bool) -> None:
         self.args = a
         self.env = env
         self.own_groups = own_groups
         self.sock: socket.socket | None = None
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.workers: list[_Worker] = []
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        return [w.proc.pid for w in self.workers]
 
     def start(self) -> None:
         self.sock = listen(self.args.host, self.args.port)
-        self.procs = [self._spawn() for _ in range(worker_count(self.args.workers))]
+        self.workers = [self._spawn() for _ in range(worker_count(self.args.workers))]
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self) -> _Worker:
         assert self.sock is not None
         fd = self.sock.fileno()
-        return subprocess.Popen(
-            worker_argv(self.args, fd), env=self.env, pass_fds=(fd,), start_new_session=self.own_groups
-        )
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        try:
+            proc = subprocess.Popen(
+                worker_argv(self.args, fd, write),
+                env=self.env,
+                pass_fds=(fd, write),
+                start_new_session=self.own_groups,
+            )
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        return _Worker(proc, read, time.monotonic())
 
     def check(self) -> int | None:
-        """Replace every worker that died; the exit code the pool must stop with, if one could not start."""
-        for i, proc in enumerate(self.procs):
-            code = proc.poll()
+        """Replace every worker that died or hangs; the exit code the pool must stop with, if one
+        could not start."""
+        now = time.monotonic()
+        for i, w in enumerate(self.workers):
+            code = w.proc.poll()
             if code is None:
-                continue
-            if code == STARTUP_FAILURE:
-                logger.error("HTTP worker {} could not start (exit {}); stopping", proc.pid, code)
+                if _heard(w.alive):
+                    w.heard = now
+                silent = now - w.heard
+                if not self.args.hang_timeout or silent <= self.args.hang_timeout:
+                    continue
+                logger.error("HTTP worker {} has not run its event loop for {:.0f}s; killing it", w.proc.pid, silent)
+                self._kill(w)
+                code = w.proc.returncode
+            elif code == STARTUP_FAILURE:
+                logger.error("HTTP worker {} could not start (exit {}); stopping", w.proc.pid, code)
                 return code
-            self.procs[i] = self._spawn()
-            logger.error("HTTP worker {} exited with {}; started {}", proc.pid, code, self.procs[i].pid)
+            os.close(w.alive)
+            self.workers[i] = self._spawn()
+            logger.error("HTTP worker {} exited with {}; started {}", w.proc.pid, code, self.workers[i].proc.pid)
         return None
+
+    def _kill(self, w: _Worker) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if self.own_groups:
+                os.killpg(w.proc.pid, signal.SIGKILL)  # nothing of its group may outlive it
+            elif w.proc.poll() is None:
+                w.proc.kill()
+        w.proc.wait()
 
     def stop(self, timeout: float) -> None:
         """SIGTERM every worker (each stops accepting and drains), SIGKILL what is left after ``timeout``."""
         if self.sock is not None:
             self.sock.close()  # the workers' own copies close as they stop accepting
-        alive = [p for p in self.procs if p.poll() is None]
+        alive = [w.proc for w in self.workers if w.proc.poll() is None]
         if alive:
             logger.info("stopping HTTP workers (pids {})", [p.pid for p in alive])
         for proc in alive:
@@ -126,13 +176,19 @@ class HttpWorkers:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 logger.warning("HTTP worker {} did not stop in {:.0f}s; killing", proc.pid, timeout)
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if self.own_groups:
-                    os.killpg(proc.pid, signal.SIGKILL)  # nothing of its group may outlive it
-                elif proc.poll() is None:
-                    proc.kill()
-            proc.wait()
+        for w in self.workers:
+            self._kill(w)
+            os.close(w.alive)
+        self.workers = []
+
+
+def _heard(fd: int) -> bool:
+    """Whether the worker wrote to its pipe since the last look (what it wrote is read away)."""
+    heard = False
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            heard = True
+    return heard
 
 
 def run_frontend(a: FrontendArgs) -> int:
@@ -151,7 +207,7 @@ def run_frontend(a: FrontendArgs) -> int:
     except OSError as exc:
         logger.error("cannot listen on {}:{}: {}", a.host, a.port, exc)
         return 1
-    logger.info("serving on http://{}:{} ({} workers)", a.host, a.port, len(workers.procs))
+    logger.info("serving on http://{}:{} ({} workers)", a.host, a.port, len(workers.workers))
     code = 0
     try:
         while not stopping.wait(0.1):

@@ -105,7 +105,8 @@ class Launcher:
 
     def _http_workers(self) -> HttpWorkers:
         a = self.args
-        return HttpWorkers(FrontendArgs(a.host, a.port, a.workers, a.drain_timeout, self.run_dir), self._env(), True)
+        front = FrontendArgs(a.host, a.port, a.workers, a.drain_timeout, self.run_dir, a.worker_hang_timeout)
+        return HttpWorkers(front, self._env(), True)
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, env=self._env(), start_new_session=True)

@@ -4,16 +4,21 @@
 (engine/frontend_cmd.py ``HttpWorkers``), each given the socket's descriptor with ``--fd``. So no
 uvicorn supervisor process and no multiprocessing resource tracker run beside the workers. The
 worker stops as uvicorn does on SIGTERM or SIGINT: it stops accepting, drains its requests for up
-to ``--drain-timeout`` seconds, then closes.
+to ``--drain-timeout`` seconds, then closes. With ``--alive-fd``, its event loop writes a byte to
+that pipe every second (from uvicorn's own tick, ``callback_notify``): the pool replaces a worker
+whose loop has stopped running.
 
-    python -m frontend.worker --fd 3 --drain-timeout 15
+    python -m frontend.worker --fd 3 --drain-timeout 15 [--alive-fd 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 
@@ -26,7 +31,7 @@ STARTUP_FAILURE = 3
 WS_HEADROOM = 4096  # a WebSocket frame may carry a whole request body plus its framing
 
 
-def config(drain_timeout: float, settings: Settings) -> uvicorn.Config:
+def config(drain_timeout: float, settings: Settings, alive_fd: int | None = None) -> uvicorn.Config:
     return uvicorn.Config(
         APP,
         factory=True,
@@ -34,13 +39,29 @@ def config(drain_timeout: float, settings: Settings) -> uvicorn.Config:
         log_level="warning",
         timeout_graceful_shutdown=int(drain_timeout),
         ws_max_size=settings.max_body_bytes + WS_HEADROOM,
+        # uvicorn calls it from its once-a-second tick on the event loop, when more than
+        # timeout_notify seconds have passed since the last call: so once a second.
+        callback_notify=None if alive_fd is None else _alive(alive_fd),
+        timeout_notify=0,
     )
+
+
+def _alive(fd: int) -> Callable[[], Awaitable[None]]:
+    os.set_blocking(fd, False)
+
+    async def notify() -> None:
+        # a full pipe (the pool is busy) or a gone pool: nothing to do, the next tick tries again
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(fd, b".")
+
+    return notify
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m frontend.worker", description=__doc__.splitlines()[0])
     p.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
     p.add_argument("--drain-timeout", type=float, default=15.0, help="seconds to finish requests on SIGTERM")
+    p.add_argument("--alive-fd", type=int, help="a pipe to write a byte to every second while the event loop runs")
     args = p.parse_args(argv)
     listener = socket.socket(fileno=args.fd)  # family and type from the descriptor itself
     try:
@@ -48,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:  # pydantic's ValidationError: a RINGSERVE_* value the workers refuse
         print(f"the HTTP worker cannot start: {exc}", file=sys.stderr)
         sys.exit(STARTUP_FAILURE)
-    server = uvicorn.Server(config(args.drain_timeout, settings))
+    server = uvicorn.Server(config(args.drain_timeout, settings, args.alive_fd))
     try:
         server.run(sockets=[listener])
     except SystemExit:

@@ -242,11 +242,11 @@ def test_serve_and_supervisord_build_one_worker_command_line(tmp_path: Path) -> 
     common = ["--port", "8123", "--workers", "3", "--drain-timeout", "7", "--run-dir", str(tmp_path)]
     serve = parser().parse_args(["serve", *common])
     front = parser().parse_args(["frontend", *common])
-    args = FrontendArgs(front.host, front.port, front.workers, front.drain_timeout, front.run_dir)
+    args = FrontendArgs(front.host, front.port, front.workers, front.drain_timeout, front.run_dir, 30.0)
     pool = Launcher(serve)._http_workers()
     assert pool.args == args and pool.own_groups  # serve: a terminal's Ctrl-C reaches only the launcher
-    built = worker_argv(args, 5)
-    assert built[1:] == ["-m", "frontend.worker", "--fd", "5", "--drain-timeout", "7.0"]
+    built = worker_argv(args, 5, 6)
+    assert built[1:] == ["-m", "frontend.worker", "--fd", "5", "--drain-timeout", "7.0", "--alive-fd", "6"]
 
 
 def test_the_worker_takes_its_websocket_limit_and_drain_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
