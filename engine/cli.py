@@ -101,6 +101,11 @@ def parser() -> argparse.ArgumentParser:
 
     engine = sub.add_parser("engine", help="run only the engine process")
     _common(engine)
+    engine.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop (as on SIGTERM) when the process that started the engine exits (ringserve serve)",
+    )
 
     models = sub.add_parser("models", help="manage the model repository")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -117,7 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logs.configure(args.command, json=_env("LOG_JSON", "0") == "1", level=_env("LOG_LEVEL", "INFO"))
     if args.command == "engine":
+        from ipc.lifeline import exit_with_parent
         from ipc.metrics_dir import ensure_env
+
+        if args.exit_with_parent:
+            exit_with_parent()
 
         ensure_env(args.run_dir)  # before prometheus_client is imported
         from engine.server import EngineSettings, run

@@ -28,6 +28,9 @@ from ipc.metrics_dir import metrics_dir
 
 STARTUP_FAILURE = 3  # frontend/worker.py: the worker's app could not start
 BACKLOG = 2048  # uvicorn's own default
+# A worker's first byte comes once its app has started (imports, the app, its lifespan: 2-3 s on
+# this box, more on a loaded one): until then it gets at least this long, whatever hang_timeout is.
+START_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class FrontendArgs:
 class _Worker:
     proc: subprocess.Popen[bytes]
     alive: int  # the read end of the pipe its event loop writes a byte to every second
-    heard: float  # time.monotonic() of its last byte, or of its start
+    started: float  # time.monotonic() of its start
+    heard: float | None = None  # ... of its last byte; None before its first
 
 
 def worker_count(workers: int) -> int:
@@ -129,6 +133,18 @@ class HttpWorkers:
             os.close(write)
         return _Worker(proc, read, time.monotonic())
 
+    def _silent(self, w: _Worker, now: float) -> float | None:
+        """How long the worker's event loop has been silent, when that is past its limit."""
+        if _heard(w.alive):
+            w.heard = now
+        if not self.args.hang_timeout:
+            return None
+        if w.heard is None:
+            silent, limit = now - w.started, max(self.args.hang_timeout, START_GRACE_S)
+        else:
+            silent, limit = now - w.heard, self.args.hang_timeout
+        return silent if silent > limit else None
+
     def check(self) -> int | None:
         """Replace every worker that died or hangs; the exit code the pool must stop with, if one
         could not start."""
@@ -136,10 +152,8 @@ class HttpWorkers:
         for i, w in enumerate(self.workers):
             code = w.proc.poll()
             if code is None:
-                if _heard(w.alive):
-                    w.heard = now
-                silent = now - w.heard
-                if not self.args.hang_timeout or silent <= self.args.hang_timeout:
+                silent = self._silent(w, now)
+                if silent is None:
                     continue
                 logger.error("HTTP worker {} has not run its event loop for {:.0f}s; killing it", w.proc.pid, silent)
                 self._kill(w)

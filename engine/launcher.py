@@ -94,6 +94,7 @@ class Launcher:
             str(a.cpu_max_batch),
             "--providers",
             a.providers,
+            "--exit-with-parent",  # a launcher killed with SIGKILL leaves no engine behind
             *control.argv(a),
         ]
 

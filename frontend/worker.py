@@ -6,7 +6,8 @@ uvicorn supervisor process and no multiprocessing resource tracker run beside th
 worker stops as uvicorn does on SIGTERM or SIGINT: it stops accepting, drains its requests for up
 to ``--drain-timeout`` seconds, then closes. With ``--alive-fd``, its event loop writes a byte to
 that pipe every second (from uvicorn's own tick, ``callback_notify``): the pool replaces a worker
-whose loop has stopped running.
+whose loop has stopped running. It gets a SIGTERM when the pool's process exits, even by SIGKILL
+(ipc/lifeline.py), so no worker outlives its pool.
 
     python -m frontend.worker --fd 3 --drain-timeout 15 [--alive-fd 4]
 """
@@ -23,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import uvicorn
 
 from frontend.settings import Settings
+from ipc.lifeline import exit_with_parent
 
 APP = "frontend.app:create_app"
 # uvicorn's exit code for a worker whose app could not start: the pool stops instead of starting
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--drain-timeout", type=float, default=15.0, help="seconds to finish requests on SIGTERM")
     p.add_argument("--alive-fd", type=int, help="a pipe to write a byte to every second while the event loop runs")
     args = p.parse_args(argv)
+    exit_with_parent()  # drain and go if the pool that started this worker is killed
     listener = socket.socket(fileno=args.fd)  # family and type from the descriptor itself
     try:
         settings = Settings()

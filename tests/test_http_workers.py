@@ -82,3 +82,42 @@ def test_a_worker_whose_event_loop_stopped_is_killed_and_replaced(pixel_repo: Pa
         for _ in range(6):  # fresh connections: whichever worker accepts, it answers
             with httpx.Client(timeout=10) as fresh:
                 assert fresh.get(f"{app.url}/health/ready").status_code == 200
+
+
+def test_a_launcher_killed_with_sigkill_leaves_no_engine_or_worker_behind(pixel_repo: Path, no_leaks: None) -> None:
+    app = Appliance(pixel_repo, workers=2).start()
+    assert app.proc is not None
+    children = app.tree()
+    assert len(children) == 3
+    os.kill(app.proc.pid, signal.SIGKILL)  # nothing of the launcher's own shutdown runs
+    app.proc.wait()
+    _gone, alive = psutil.wait_procs(children, timeout=30)  # they stop as on SIGTERM: drained, rings removed
+    try:
+        assert not alive, f"left running after the launcher died: {[p.cmdline() for p in alive]}"
+        assert not (app.run_dir / "engine.sock").exists()
+    finally:
+        for p in alive:
+            p.kill()
+        app._log.close()
+        app.cleanup()
+
+
+def test_a_worker_gets_its_start_before_the_hang_timeout_counts(tmp_path: Path) -> None:
+    """A worker's first byte comes only once its app has started (2-3 s here): with a hang timeout
+    shorter than that, it must not be killed while it starts (the limit is START_GRACE_S then)."""
+    from engine.frontend_cmd import START_GRACE_S, FrontendArgs, HttpWorkers, _Worker
+
+    pool = HttpWorkers(FrontendArgs("127.0.0.1", 0, 1, 1.0, tmp_path, hang_timeout=2.0), {}, own_groups=True)
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    try:
+        w = _Worker(proc=None, alive=read, started=100.0)  # type: ignore[arg-type]
+        assert pool._silent(w, 100.0 + 10) is None  # starting: silent 10 s, within the start grace
+        assert pool._silent(w, 100.0 + START_GRACE_S + 1) == START_GRACE_S + 1  # a start that never ends
+        os.write(write, b"..")
+        assert pool._silent(w, 200.0) is None and w.heard == 200.0  # its loop runs
+        assert pool._silent(w, 201.5) is None  # silent 1.5 s: within 2
+        assert pool._silent(w, 203.0) == 3.0  # silent 3 s: past the hang timeout
+    finally:
+        os.close(read)
+        os.close(write)
