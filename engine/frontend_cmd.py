@@ -69,9 +69,10 @@ def worker_argv(a: FrontendArgs, fd: int, alive_fd: int) -> list[str]:
     ]
 
 
-def frontend_env(run_dir: Path) -> dict[str, str]:
-    """What the workers must agree on with the engine: the run directory and the metrics directory."""
-    return {"RINGSERVE_RUN_DIR": str(run_dir), METRICS_ENV: str(metrics_dir(run_dir))}
+def frontend_env(run_dir: Path, host: str) -> dict[str, str]:
+    """What the workers must agree on with the engine (the run directory and the metrics directory)
+    and with their pool (the HTTP host, which their gRPC server binds too)."""
+    return {"RINGSERVE_RUN_DIR": str(run_dir), METRICS_ENV: str(metrics_dir(run_dir)), "RINGSERVE_HOST": host}
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -210,8 +211,7 @@ def run_frontend(a: FrontendArgs) -> int:
     from ipc.sockets import prepare_run_dir
 
     prepare_run_dir(a.run_dir)
-    env = dict(os.environ, **frontend_env(a.run_dir))
-    env["RINGSERVE_HOST"] = a.host  # the workers' gRPC server binds the HTTP host (as serve's)
+    env = dict(os.environ, **frontend_env(a.run_dir, a.host))
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _signum, _frame: stopping.set())

@@ -99,9 +99,8 @@ class Launcher:
         ]
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ, **frontend_env(self.run_dir))
+        env = dict(os.environ, **frontend_env(self.run_dir, self.args.host))
         env["RINGSERVE_MODEL_REPO"] = str(self.args.repo.resolve())  # workers: data/ lies beside it
-        env["RINGSERVE_HOST"] = self.args.host  # the workers' gRPC server binds the HTTP host
         return env
 
     def _http_workers(self) -> HttpWorkers:

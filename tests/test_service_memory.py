@@ -22,46 +22,8 @@ from frontend import imaging
 from frontend.params import parse_params
 from frontend.service import ImageRequest, ImageService
 from frontend.settings import Settings
-from ipc.messages import Detection, InputSpec, ModelInfo, Result
-
-
-class Engine:
-    """The EngineClient seam: fills a slot, then reports whether the decoded image still lives."""
-
-    def __init__(self, decoded: list[weakref.ref[np.ndarray]]) -> None:
-        self.decoded = decoded
-        self.alive_while_waiting: bool | None = None
-        self.info = ModelInfo(
-            name="pixels",
-            version=1,
-            task="ssd",
-            input=InputSpec(64, 64, "stretch"),
-            labels_count=2,
-            max_batch_size=1,
-            max_queue_delay_ms=0.0,
-            queue_limit=1,
-            confidence=0.5,
-            max_detections=10,
-        )
-
-    def resolve(self, model: str, version: int | None) -> ModelInfo:
-        return self.info
-
-    async def infer(self, info: ModelInfo, fill: Any, *, req_id: str, **_: Any) -> Result:
-        fill(np.empty((64, 64, 3), np.uint8))
-        gc.collect()
-        self.alive_while_waiting = self.decoded[0]() is not None  # as the engine works on the slot
-        return Result(
-            req_id=req_id,
-            slot=0,
-            generation=1,
-            model="pixels",
-            version=1,
-            batch_size=1,
-            queue_ms=0.0,
-            inference_ms=0.0,
-            detections=[Detection(0.0, 0.0, 32.0, 32.0, 0.9, 1, "thing")],
-        )
+from ipc.messages import InputSpec
+from tests.fake_engine import FakeEngine
 
 
 def test_the_decoded_pixels_are_let_go_once_they_are_in_the_slot(tmp_path: Path, monkeypatch: Any) -> None:
@@ -76,10 +38,16 @@ def test_the_decoded_pixels_are_let_go_once_they_are_in_the_slot(tmp_path: Path,
     monkeypatch.setattr(imaging, "decode", tracked)
     buf = io.BytesIO()
     Image.new("RGB", (640, 480), (200, 100, 50)).save(buf, "JPEG")
-    engine = Engine(decoded)
+    alive_while_waiting: list[bool] = []
+
+    def check() -> None:  # as the engine works on the slot
+        gc.collect()
+        alive_while_waiting.append(decoded[0]() is not None)
+
+    engine = FakeEngine(after_fill=check)
     service = ImageService(engine, Settings(run_dir=tmp_path))  # type: ignore[arg-type]
     req = ImageRequest("pixels", None, parse_params({}), "r1", time.monotonic(), image=buf.getvalue())
     result = asyncio.run(service.predict(req))
     assert result.width == 640 and len(result.detections) == 1
     assert len(decoded) == 1
-    assert engine.alive_while_waiting is False, "the decoded image was kept while the engine answered"
+    assert alive_while_waiting == [False], "the decoded image was kept while the engine answered"

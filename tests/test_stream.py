@@ -26,7 +26,7 @@ from frontend.params import Params
 from frontend.routes.stream import Options, Stream
 from frontend.service import ImageService
 from frontend.settings import Settings
-from ipc.messages import Detection, InputSpec, ModelInfo, Result
+from tests.fake_engine import FakeEngine
 from tests.harness import Appliance, segments, wait_for
 from tests.models import expected_box, write_pixel_detector
 
@@ -305,48 +305,6 @@ def test_disconnect_with_a_frame_in_flight_frees_its_slot(app: Appliance, no_lea
 
 
 # ------------------------------------------------------------------ the Stream object, without processes
-class FakeEngine:
-    """The EngineClient seam: answers at once, or when ``release`` is set if ``hold`` is."""
-
-    def __init__(self, hold: bool = False) -> None:
-        self.info = ModelInfo(
-            name="pixels",
-            version=1,
-            task="ssd",
-            input=InputSpec(64, 64, "stretch"),
-            labels_count=2,
-            max_batch_size=1,
-            max_queue_delay_ms=0.0,
-            queue_limit=1,
-            confidence=0.5,
-            max_detections=10,
-        )
-        self.hold = hold
-        self.release = asyncio.Event()
-        self.started = self.finished = 0
-
-    def resolve(self, model: str, version: int | None) -> ModelInfo:
-        return self.info
-
-    async def infer(self, info: ModelInfo, fill: Any, *, req_id: str, **_: Any) -> Result:
-        self.started += 1
-        fill(np.empty((64, 64, 3), np.uint8))
-        if self.hold:
-            await self.release.wait()
-        self.finished += 1
-        return Result(
-            req_id=req_id,
-            slot=0,
-            generation=1,
-            model="pixels",
-            version=1,
-            batch_size=1,
-            queue_ms=0.0,
-            inference_ms=0.0,
-            detections=[Detection(0.0, 0.0, 32.0, 32.0, 0.9, 1, "thing")],
-        )
-
-
 class FakeSocket:
     """The ASGI side of one connection: frames to deliver, and sends that block while ``paused``."""
 
