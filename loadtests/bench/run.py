@@ -1,15 +1,17 @@
 """Run the benchmark: every target one after another (in ``--targets`` order), on the same model,
 photos and client.
 
-    python -m loadtests.bench [--workload ssd|lite0|light] [--workers W] [--seconds 10] [--quick]
+    python -m loadtests.bench [--workload ssd|lite0|light] [--workers W] [--rounds 2] [--quick]
 
 (a) ringserve with W HTTP workers; (b) the common FastAPI pattern in one process with ONNX
 Runtime's default session options and tuned (one intra-op thread, and one per core); (c) the same
 app with ``uvicorn --workers W``; (d) the ceiling, decode + resize + inference in a loop with no
 HTTP. Each HTTP target gets a warm-up and
 then ``--seconds`` of closed-loop load per concurrency from one light client process; its whole
-process tree is sampled for PSS, RSS and CPU. Writes loadtests/results/bench-<workload>.{json,md,png}
-and prints the Markdown.
+process tree is sampled for PSS, RSS and CPU. The defaults are issue 15's measure: 640x480 JPEG
+multipart, 15 s per point; ``--sizes`` adds larger photos to the mix. ``--rounds R`` measures every
+target R times, the order reversed on every other round, and reports the means (rounds.py). Writes
+loadtests/results/bench-<workload>.{json,md,png} and prints the Markdown.
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ from typing import Any
 import httpx
 
 from loadtests import payloads as photos
-from loadtests.bench import ceiling, report, targets
+from loadtests.bench import ceiling, report, rounds, targets
 from loadtests.bench.client import check
 from loadtests.bench.sampler import TreeSampler
 from loadtests.bench.workloads import ROOT, Workload, make
 
 HTTP_TARGETS = ("ringserve", "b-default", "b-1thread", "b-tuned", "c")
-# The run order: the ceiling right after ringserve, so that the ratio with the tightest goal
-# compares two measures a minute apart; this box's speed drifts by 10-20 % within minutes.
-ALL_TARGETS = ("ringserve", "ceiling", "b-default", "b-1thread", "b-tuned", "c")
+# The run order: ringserve between the two it is measured against (the better FastAPI server is
+# most often (b) with one thread), so that each goal's ratio compares two measures a minute apart;
+# this box's speed drifts by 10-20 % within minutes (see rounds.py).
+ALL_TARGETS = ("b-1thread", "ringserve", "ceiling", "b-tuned", "c", "b-default")
+# Issue 15's measure: 640x480 JPEG multipart, 15 s per point.
+SIZES = "640x480"
+SECONDS = 15.0
 RESULTS = ROOT / "loadtests" / "results"
 START_ALLOWANCE_S = 12.0  # per target: start, readiness, priming (for the time estimate only)
 
@@ -49,10 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workload", choices=("ssd", "lite0", "light"), default="ssd")
     p.add_argument("--workers", type=int, default=targets.cores(), help="W for (a) and (c); default: cores")
     p.add_argument("--concurrency", default=None, help="comma-separated client concurrencies (default 1,16,64)")
-    p.add_argument("--seconds", type=float, default=None, help="measured seconds per point (default 10)")
+    p.add_argument("--seconds", type=float, default=None, help=f"measured seconds per point (default {SECONDS:g})")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds before each point (default 2)")
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"subset of {','.join(ALL_TARGETS)}")
-    p.add_argument("--sizes", default="640x480,1280x720,1920x1080", help="photo sizes of the payload mix")
+    p.add_argument("--sizes", default=SIZES, help="photo sizes of the payload mix, e.g. 640x480,1280x720,1920x1080")
+    p.add_argument("--rounds", type=int, default=1, help="measure every target this many times (default 1)")
     p.add_argument("--hop-n", type=int, default=None, help="round trips of the IPC hop measure (default 2000)")
     p.add_argument(
         "--control-s", type=float, default=None, help="seconds of the control-plane measure (default 5; 0: skip)"
@@ -62,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     args.concurrency = [int(c) for c in (args.concurrency or ("1,16" if quick else "1,16,64")).split(",")]
-    args.seconds = args.seconds if args.seconds is not None else (2.0 if quick else 10.0)
+    args.seconds = args.seconds if args.seconds is not None else (2.0 if quick else SECONDS)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 2.0)
     args.hop_n = args.hop_n if args.hop_n is not None else (300 if quick else 2000)
     args.control_s = args.control_s if args.control_s is not None else (1.0 if quick else 5.0)
@@ -70,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.targets) - set(ALL_TARGETS)
     if unknown:
         p.error(f"unknown targets {sorted(unknown)}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     return args
 
 
@@ -77,7 +86,7 @@ def estimate_s(args: argparse.Namespace) -> float:
     point = args.warmup + args.seconds + 1.5
     http = sum(t in HTTP_TARGETS for t in args.targets) * (START_ALLOWANCE_S + len(args.concurrency) * point)
     ceil = len(ceiling.CONFIGS) * (point + 5) if "ceiling" in args.targets else 0
-    return http + ceil + 10 + (args.control_s + 10 if args.control_s > 0 else 0)
+    return (http + ceil) * args.rounds + 10 + (args.control_s + 10 if args.control_s > 0 else 0)
 
 
 def write_payloads(scratch: Path, sizes: str) -> list[dict[str, str]]:
@@ -137,6 +146,16 @@ def load_point(
     if proc.returncode != 0:
         raise RuntimeError(f"the client failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_target(
+    key: str, workload: Workload, index: list[dict[str, str]], scratch: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    if key == "ceiling":
+        return run_ceiling(workload, scratch, args)
+    if key == "ringserve":
+        return run_http(targets.ringserve(workload, args.workers), workload, index, args)
+    return run_http(targets.baseline(workload, key, args.workers), workload, index, args)
 
 
 def run_http(
@@ -244,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         workload = make(args.workload, scratch)
         log(
             f"benchmark {args.workload}: targets {','.join(args.targets)}, W={args.workers}, "
-            f"concurrency {args.concurrency}, {args.seconds:g} s per point; about {estimate_s(args) / 60:.1f} min"
+            f"concurrency {args.concurrency}, {args.seconds:g} s per point, {args.rounds} round(s); "
+            f"about {estimate_s(args) / 60:.1f} min"
         )
         machine = report.machine()
         if machine["load_1m"] > 0.25 * machine["cores"]:
@@ -265,23 +285,20 @@ def main(argv: list[str] | None = None) -> None:
                 "warmup": args.warmup,
                 "quick": args.quick,
                 "sizes": args.sizes,
+                "rounds": args.rounds,
                 "payloads": [{"name": p["name"], "bytes": int(p["bytes"])} for p in index],
             },
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(began)),
         }
         results["ipc_hop"] = ipc_hop(args.hop_n)
         results["control_plane"] = control_plane(args.control_s)
-        results["targets"] = []
-        for key in args.targets:
-            if key in HTTP_TARGETS:
-                target = (
-                    targets.ringserve(workload, args.workers)
-                    if key == "ringserve"
-                    else targets.baseline(workload, key, args.workers)
-                )
-                results["targets"].append(run_http(target, workload, index, args))
-            else:
-                results["targets"].append(run_ceiling(workload, scratch, args))
+        measured: dict[str, list[dict[str, Any]]] = {key: [] for key in args.targets}
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                log(f"round {r + 1} of {args.rounds}")
+            for key in rounds.order(args.targets, r):
+                measured[key].append(run_target(key, workload, index, scratch, args))
+        results["targets"] = [rounds.merge(measured[key]) for key in args.targets]
         results["machine"]["load_1m_end"] = report.machine()["load_1m"]
         results["duration_s"] = round(time.time() - began, 1)
         report.analyse(results)
