@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         results["machine"]["load_1m_end"] = report.machine()["load_1m"]
         results["duration_s"] = round(time.time() - began, 1)
         report.analyse(results)
-        stem = f"bench-{args.workload}" + ("-quick" if args.quick else "")
+        # another payload than issue 15's is another benchmark: its files sit beside, not over, these
+        stem = f"bench-{args.workload}" + ("-mix" if args.sizes != SIZES else "") + ("-quick" if args.quick else "")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{stem}.json").write_text(json.dumps(_finite(results), indent=2, allow_nan=False))
         (args.out / f"{stem}.md").write_text(report.markdown(results, f"{stem}.png"))
