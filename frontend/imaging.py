@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
+from frontend.resize import interpolation
 from ipc.errors import BadInput, PayloadTooLarge
 from ipc.messages import InputSpec
 
@@ -129,8 +130,17 @@ def _sof_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _needed(spec: InputSpec, orientation: int) -> tuple[int, int]:
-    """The smallest stored width and height worth decoding for the model (before the EXIF rotation)."""
-    return (spec.height, spec.width) if orientation in (5, 6, 7, 8) else (spec.width, spec.height)
+    """The smallest stored width and height worth decoding for the model (before the EXIF rotation).
+
+    A center-crop's window is the middle ``width / resize_short`` of the short side, so the short
+    side must decode to resize_short or more; decoded only to the model's size, a 640x480 photo's
+    224x224 window came from 210 decoded pixels, enlarged (fit's crop is the same pixels either way).
+    """
+    w, h = spec.width, spec.height
+    if spec.resize == "center-crop":
+        short = spec.resize_short or max(w, h)
+        w, h = max(w, short), max(h, short)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _decode_jpeg(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[np.ndarray, int, int] | None:
@@ -254,14 +264,14 @@ def fit(img: np.ndarray, width: int, height: int, spec: InputSpec, out: np.ndarr
     th, tw = spec.height, spec.width
     k = dw / width  # DCT downscale factor of the decode
     if spec.resize == "stretch":
-        cv2.resize(img, (tw, th), dst=out, interpolation=_interp(dw, tw))
+        cv2.resize(img, (tw, th), dst=out, interpolation=interpolation(dw, dh, tw, th))
         return Geometry(width, height, tw / dw * k, th / dh * k, 0.0, 0.0)
     if spec.resize == "letterbox":
         r = min(tw / dw, th / dh)
         nw, nh = max(1, round(dw * r)), max(1, round(dh * r))
         left, top = (tw - nw) // 2, (th - nh) // 2
         out.fill(spec.pad_value)
-        out[top : top + nh, left : left + nw] = cv2.resize(img, (nw, nh), interpolation=_interp(dw, nw))
+        out[top : top + nh, left : left + nw] = cv2.resize(img, (nw, nh), interpolation=interpolation(dw, dh, nw, nh))
         return Geometry(width, height, nw / dw * k, nh / dh * k, float(left), float(top))
     # center-crop: the middle of the image scaled so that its short side is resize_short. Only the
     # part that lands in the model's window is resized, straight into ``out``: the same pixels as
@@ -272,10 +282,6 @@ def fit(img: np.ndarray, width: int, height: int, spec: InputSpec, out: np.ndarr
     nw, nh = max(tw, round(dw * r)), max(th, round(dh * r))
     cw, ch = min(dw, max(1, round(tw * dw / nw))), min(dh, max(1, round(th * dh / nh)))
     cx, cy = (dw - cw) // 2, (dh - ch) // 2
-    cv2.resize(img[cy : cy + ch, cx : cx + cw], (tw, th), dst=out, interpolation=_interp(cw, tw))
+    cv2.resize(img[cy : cy + ch, cx : cx + cw], (tw, th), dst=out, interpolation=interpolation(cw, ch, tw, th))
     sx, sy = tw / cw, th / ch  # model pixels per decoded pixel
     return Geometry(width, height, sx * k, sy * k, -cx * sx, -cy * sy)
-
-
-def _interp(src: int, dst: int) -> int:
-    return cv2.INTER_AREA if dst < src else cv2.INTER_LINEAR

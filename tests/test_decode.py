@@ -206,3 +206,48 @@ def test_center_crop_resizes_only_the_window_and_maps_back() -> None:
     # the window is the middle 840 x 840 of the 1280 x 960 original (224 of 256 of its short side)
     left, top, right, bottom = geo.to_original(0, 0, 224, 224)
     assert abs(left - 220) <= 2 and abs(top - 60) <= 2 and abs(right - 1060) <= 2 and abs(bottom - 900) <= 2
+
+
+def test_the_resize_filter_is_bilinear_under_a_2x_shrink_and_area_from_there() -> None:
+    """Under 2x a bilinear filter still reads every input pixel (and is an eighth of the cost of
+    OpenCV's area filter at such factors); from 2x on it would skip pixels and alias."""
+    import cv2
+
+    from frontend.resize import interpolation
+
+    assert interpolation(420, 420, 224, 224) == cv2.INTER_LINEAR  # Lite0's window of a 640x480 photo
+    assert interpolation(451, 300, 300, 300) == cv2.INTER_LINEAR
+    assert interpolation(640, 480, 300, 300) == cv2.INTER_AREA  # the long side shrinks 2.13x
+    assert interpolation(600, 600, 300, 300) == cv2.INTER_AREA
+    assert interpolation(200, 100, 300, 300) == cv2.INTER_LINEAR  # an enlargement
+
+
+def test_bilinear_under_2x_gives_the_area_filters_pixels_on_a_photo() -> None:
+    """The model sees the same image: on a smooth, photo-like image the two filters differ by
+    a fraction of a grey level at Lite0's 1.875x shrink (0.2 on this image)."""
+    import cv2
+
+    spec = InputSpec(height=224, width=224, resize="center-crop", resize_short=256)
+    rng = np.random.default_rng(5)
+    small = rng.integers(0, 256, (24, 32, 3), np.uint8)
+    img = cv2.resize(small, (640, 480), interpolation=cv2.INTER_CUBIC)
+    out = np.empty((224, 224, 3), np.uint8)
+    imaging.fit(img, 640, 480, spec, out)
+    cx, cy = (640 - 420) // 2, (480 - 420) // 2
+    area = cv2.resize(img[cy : cy + 420, cx : cx + 420], (224, 224), interpolation=cv2.INTER_AREA)
+    assert np.abs(out.astype(int) - area.astype(int)).mean() < 0.5
+
+
+def test_a_center_crop_window_is_decoded_at_full_resolution() -> None:
+    """The short side decodes to resize_short or more, so the model's 224x224 window comes from at
+    least 224 decoded pixels (decoded only to 224x224, a 640x480 photo's window came from 210,
+    enlarged)."""
+    import simplejpeg
+
+    spec = InputSpec(height=224, width=224, resize="center-crop", resize_short=256)
+    stretch = InputSpec(height=224, width=224, resize="stretch")
+    assert imaging._needed(spec, 1) == (256, 256)
+    assert imaging._needed(stretch, 1) == (224, 224)
+    photo = simplejpeg.encode_jpeg(np.full((480, 640, 3), 128, np.uint8))
+    img, w, h = imaging.decode(photo, spec, 10**8)
+    assert (w, h) == (640, 480) and min(img.shape[:2]) >= 256 and img.shape[:2] != (480, 640)  # 5/8: 400x300

@@ -85,10 +85,10 @@ class Prep:
         """From decoded pixels: OpenCV resize of the crop into ``buf`` (height x width x 3)."""
         import cv2
 
+        from frontend.resize import interpolation  # ringserve's own choice of filter
+
         left, top, right, bottom = self.box(img.shape[1], img.shape[0])
         crop = img[top:bottom, left:right]
-        shrink = crop.shape[1] > self.width
-        cv2.resize(
-            crop, (self.width, self.height), dst=buf, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        )
+        h, w = crop.shape[:2]
+        cv2.resize(crop, (self.width, self.height), dst=buf, interpolation=interpolation(w, h, self.width, self.height))
         return self.tensor(buf)
