@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
-from frontend.resize import interpolation
+from frontend.resize import decode_size, interpolation
 from ipc.errors import BadInput, PayloadTooLarge
 from ipc.messages import InputSpec
 
@@ -130,16 +130,8 @@ def _sof_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _needed(spec: InputSpec, orientation: int) -> tuple[int, int]:
-    """The smallest stored width and height worth decoding for the model (before the EXIF rotation).
-
-    A center-crop's window is the middle ``width / resize_short`` of the short side, so the short
-    side must decode to resize_short or more; decoded only to the model's size, a 640x480 photo's
-    224x224 window came from 210 decoded pixels, enlarged (fit's crop is the same pixels either way).
-    """
-    w, h = spec.width, spec.height
-    if spec.resize == "center-crop":
-        short = spec.resize_short or max(w, h)
-        w, h = max(w, short), max(h, short)
+    """The smallest stored width and height worth decoding for the model (before the EXIF rotation)."""
+    w, h = decode_size(spec.width, spec.height, spec.resize, spec.resize_short)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 

@@ -1,4 +1,5 @@
-"""The resize filter, shared by the workers and the benchmark's ceiling (it imports only OpenCV)."""
+"""How big to decode and how to resize: shared by the workers and the benchmark's ceiling, so the
+ceiling does what ringserve does (this module imports only OpenCV)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,16 @@ AREA_FROM = 2.0
 def interpolation(src_w: int, src_h: int, dst_w: int, dst_h: int) -> int:
     """OpenCV's filter for resizing src to dst pixels: the larger of the two shrink factors decides."""
     return cv2.INTER_AREA if max(src_w / dst_w, src_h / dst_h) >= AREA_FROM else cv2.INTER_LINEAR
+
+
+def decode_size(width: int, height: int, resize: str, resize_short: int) -> tuple[int, int]:
+    """The smallest decoded (width, height) worth decoding for a model input of width x height.
+
+    A center-crop's window is the middle ``width / resize_short`` of the short side, so the short
+    side must decode to resize_short or more; decoded only to the model's size, a 640x480 photo's
+    224x224 window came from 210 decoded pixels, enlarged.
+    """
+    if resize == "center-crop":
+        short = resize_short or max(width, height)
+        return max(width, short), max(height, short)
+    return width, height

@@ -47,9 +47,10 @@ class Prep:
 
     @property
     def decode_min(self) -> tuple[int, int]:
-        """The smallest (width, height) worth decoding: a center-crop's short side is resize_short."""
-        short = self.resize_short if self.resize == "center-crop" else 0
-        return max(self.width, short), max(self.height, short)
+        """The smallest (width, height) worth decoding, by ringserve's own rule."""
+        from frontend.resize import decode_size
+
+        return decode_size(self.width, self.height, self.resize, self.resize_short)
 
     def box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the photo that the model sees."""
