@@ -85,23 +85,27 @@ def _dist(wheel_name: str) -> str:
     return wheel_name.split("-")[0].lower().replace("_", "-")
 
 
-def split(tar: Path, out: Path, part_bytes: int) -> list[Path]:
-    parts = []
+def split(tar: Path, out: Path, part_bytes: int) -> tuple[list[Path], str]:
+    """``tar`` in parts of ``part_bytes`` (part-00, part-01, ...) in ``out``, and its sha256."""
+    parts, digest = [], hashlib.sha256()
     with tar.open("rb") as f:
         while chunk := f.read(part_bytes):
+            digest.update(chunk)
             part = out / f"part-{len(parts):02d}"
             part.write_bytes(chunk)
             parts.append(part)
-    return parts
+    return parts, digest.hexdigest()
 
 
-def sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+def join(parts: list[Path], tar: Path) -> str:
+    """The parts, in order, into ``tar``; its sha256."""
+    digest = hashlib.sha256()
+    with tar.open("wb") as f:
+        for part in parts:
+            chunk = part.read_bytes()
+            digest.update(chunk)
+            f.write(chunk)
+    return digest.hexdigest()
 
 
 def prepare(out: Path, part_mib: int, models_dir: Path) -> dict[str, Any]:
@@ -118,9 +122,9 @@ def prepare(out: Path, part_mib: int, models_dir: Path) -> dict[str, Any]:
             if not (src / "model.toml").is_file():
                 raise SystemExit(f"{src} is missing: run `ringserve models pull {name}` first")
             t.add(src, f"models/{name}")
-    parts = split(tar, out, part_mib << 20)
+    parts, digest = split(tar, out, part_mib << 20)
     kit = {
-        "sha256": sha256(parts),
+        "sha256": digest,
         "bytes": tar.stat().st_size,
         "parts": [p.name for p in parts],
         "wheels": [w.name for w in wheels],
@@ -154,13 +158,11 @@ def unpack(kit_dir: Path, work: Path) -> dict[str, Any]:
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise SystemExit(f"parts missing from {kit_dir}: {missing} (the machine went back between calls?)")
-    if sha256(parts) != kit["sha256"]:
-        raise SystemExit("the kit's parts do not add up to the tar that was split (sha256 differs)")
     work.mkdir(parents=True, exist_ok=True)
     tar = work / "kit.tar"
-    with tar.open("wb") as f:
-        for part in parts:
-            f.write(part.read_bytes())
+    if join(parts, tar) != kit["sha256"]:
+        tar.unlink()
+        raise SystemExit("the kit's parts do not add up to the tar that was split (sha256 differs)")
     with tarfile.open(tar) as t:
         t.extractall(work, filter="data")
     tar.unlink()
@@ -206,6 +208,10 @@ def cuda_library_dirs() -> list[str]:
     return found
 
 
+def _prepend(env: dict[str, str], key: str, folders: list[str]) -> None:
+    env[key] = os.pathsep.join([*folders, *([env[key]] if env.get(key) else [])])
+
+
 def bundle(steps: Path, out: Path) -> None:
     """Every step's files in one archive: the device tool brings back at most 8 files."""
     tmp = out / "results.tar.gz.part"
@@ -224,11 +230,11 @@ def measure(args: argparse.Namespace) -> int:
         kit = unpack(args.kit, work)
         install(work / "wheels", work / "site")
         link_models(work / "models")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(work / "site"), str(ROOT), env.get("PYTHONPATH")) if p)
+        _prepend(env, "PYTHONPATH", [str(work / "site"), str(ROOT)])
         print(f"kit: {len(kit['wheels'])} wheels, models {kit['models']}", flush=True)
     libs = cuda_library_dirs()
     if libs:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*libs, env.get("LD_LIBRARY_PATH")) if p)
+        _prepend(env, "LD_LIBRARY_PATH", libs)
         print(f"CUDA libraries: {len(libs)} folders of nvidia-* packages on LD_LIBRARY_PATH", flush=True)
     py = [sys.executable, "-m"]
     seconds = ["--seconds", "2" if args.quick else "10", "--warmup", "1" if args.quick else "2"]
@@ -260,6 +266,8 @@ def measure(args: argparse.Namespace) -> int:
 
 
 def max_batch_size(model_dir: Path) -> int:
+    """From model.toml with tomllib: this process runs on the image's Python, without the kit's
+    packages that engine.repository needs (only the children get them)."""
     import tomllib
 
     return int(tomllib.loads((model_dir / "model.toml").read_text())["batching"]["max_batch_size"])
@@ -292,11 +300,12 @@ def summarise(steps: Path, workers: list[str], models_dir: Path = ROOT / "models
         best_http = max((rps for points in http.values() for rps in points.values()), default=0.0)
         if best_http and bare:
             at_engine = [v for b, v in bare.items() if int(b) <= entry["engine_batch"]]
+            ratio = best_http / max(bare.values())
             entry["best_http_rps"] = best_http
-            entry["ratio_to_bare_best_batch"] = round(best_http / max(bare.values()), 3)
+            entry["ratio_to_bare_best_batch"] = round(ratio, 3)
             if at_engine:
                 entry["ratio_to_bare_at_engine_batch"] = round(best_http / max(at_engine), 3)
-            entry["goal_0_8x_of_bare_best_met"] = best_http / max(bare.values()) >= 0.8
+            entry["goal_0_8x_of_bare_best_met"] = ratio >= 0.8
         summary[name] = entry
     return summary
 

@@ -25,8 +25,8 @@ def _kit(tmp_path: Path, part_bytes: int) -> tuple[Path, dict]:
     with tarfile.open(tar, "w") as t:
         t.add(src / "wheels", "wheels")
         t.add(src / "models", "models")
-    parts = gpu_kit.split(tar, kit_dir, part_bytes)
-    kit = {"sha256": gpu_kit.sha256(parts), "parts": [p.name for p in parts], "wheels": [], "models": ["m"]}
+    parts, digest = gpu_kit.split(tar, kit_dir, part_bytes)
+    kit = {"sha256": digest, "parts": [p.name for p in parts], "wheels": [], "models": ["m"]}
     tar.unlink()
     (kit_dir / "kit.json").write_text(json.dumps(kit))
     return kit_dir, kit
