@@ -26,7 +26,7 @@ from loguru import logger
 from engine import heads, metrics
 from engine.models import LoadedModel
 from ipc.errors import QueueFull
-from ipc.messages import Error, Infer, Message, Result
+from ipc.messages import Error, Infer, Result
 
 
 @dataclass
@@ -37,7 +37,9 @@ class Job:
     arrived: float  # perf_counter() when the engine received it
 
 
-Reply = Callable[[Job, Message], None]
+# Hands a batch's answers over together, so that the engine sends each worker one message for them.
+Answer = tuple[Job, Result | Error]
+Reply = Callable[[list[Answer]], None]
 
 
 class Batcher:
@@ -191,8 +193,7 @@ class Batcher:
             return
         started = time.perf_counter()
         n = len(live)
-        for i, job in enumerate(live):
-            np.copyto(batch[i], job.pixels)
+        np.stack([job.pixels for job in live], out=batch[:n])  # one call: a copyto per image cost more on small ones
         cfg = self.model.config
         params = [_params(j.msg, self._default) for j in live]
         if cfg.task == "raw":
@@ -205,6 +206,7 @@ class Batcher:
         self._m_images.inc(n)
         self._m_execs.inc()
         tensors = heads.raw(outputs, n) if any(j.msg.raw for j in live) else None
+        answers: list[Answer] = []
         for i, (job, result) in enumerate(zip(live, results, strict=True)):
             if tensors is not None and job.msg.raw:
                 result = {**result, "tensors": tensors[i]}
@@ -220,8 +222,9 @@ class Batcher:
                 inference_ms=inference_ms,
                 **result,
             )
-            answered.add(_key(job))
-            self._reply(job, msg)
+            answers.append((job, msg))
+        self._reply(answers)
+        answered.update(_key(job) for job, _ in answers)
         # One line per batch, not per image (a line costs more than the engine's own work per image
         # on a light model); its request ids make every request traceable from the worker's line.
         logger.bind(request_id=",".join(j.msg.req_id for j in live)).info(
@@ -246,7 +249,7 @@ class Batcher:
     def _fail(self, job: Job, reason: str, detail: str) -> None:
         metrics.ENGINE_ERRORS.labels(reason).inc()
         logger.bind(request_id=job.msg.req_id).warning("request failed: {}: {}", reason, detail)
-        self._reply(job, Error(job.msg.req_id, job.msg.slot, job.msg.generation, reason, detail))
+        self._reply([(job, Error(job.msg.req_id, job.msg.slot, job.msg.generation, reason, detail))])
 
 
 def _params(msg: Infer, default: heads.Params) -> heads.Params:

@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from engine.batcher import Batcher, Job, Reply
+from engine.batcher import Answer, Batcher, Job, Reply
 from engine.models import LoadedModel
 from engine.watch import Fingerprint, Snapshot, Want
 from ipc import messages as m
@@ -24,10 +24,10 @@ class Counted(Batcher):
         self.last_submit = 0.0
         self.started = False
 
-        def counted(job: Job, msg: m.Message) -> None:
+        def counted(answers: list[Answer]) -> None:
             with self._lock:
-                self.inflight -= 1
-            reply(job, msg)
+                self.inflight -= len(answers)
+            reply(answers)
 
         super().__init__(model, counted, instances)
 

@@ -249,10 +249,11 @@ class EngineClient:
                 logger.warning("dropped an undecodable engine message: {}", exc)
                 continue
             self._heard = True
-            try:
-                self._dispatch(msg)
-            except Exception:  # one bad message must not end the task that receives all of them
-                logger.exception("failed to handle a {} from the engine", type(msg).__name__)
+            for one in m.unpack(msg):
+                try:
+                    self._dispatch(one)
+                except Exception:  # one bad message must not end the task that receives all of them
+                    logger.exception("failed to handle a {} from the engine", type(one).__name__)
 
     def _dispatch(self, msg: m.Message) -> None:
         if isinstance(msg, (m.Result, m.Error)):

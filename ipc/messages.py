@@ -142,6 +142,13 @@ class Error(msgspec.Struct, **_STRUCT):
     detail: str
 
 
+class Replies(msgspec.Struct, **_STRUCT):
+    """Engine -> worker: the answers to several of its requests that were ready together (a batch's,
+    mostly), in one message: one send and one receive for all of them, not one each."""
+
+    items: list[Result | Error]
+
+
 class Heartbeat(msgspec.Struct, **_STRUCT):
     """Engine -> registered workers, every heartbeat interval."""
 
@@ -172,7 +179,7 @@ class ControlReply(msgspec.Struct, **_STRUCT):
     states: list[ModelState] = []
 
 
-Message = Hello | Ready | Infer | Result | Error | Heartbeat | Bye | Control | ControlReply
+Message = Hello | Ready | Infer | Result | Error | Replies | Heartbeat | Bye | Control | ControlReply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -185,3 +192,8 @@ def encode(msg: Message) -> bytes:
 def decode(data: bytes) -> Message:
     """Decode one message; raises ``msgspec.DecodeError`` (a ``ValueError``) on garbage."""
     return _decoder.decode(data)
+
+
+def unpack(msg: Message) -> list[Message]:
+    """The messages a received message stands for: a Replies' answers, else the message itself."""
+    return list(msg.items) if isinstance(msg, Replies) else [msg]

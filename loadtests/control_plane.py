@@ -68,16 +68,16 @@ def worker(address: str, slots: int, start: float, end: float, out: Any) -> None
         while (now := time.time()) < end:
             if not sock.poll(1000):
                 continue
-            msg = m.decode(sock.recv())
-            if isinstance(msg, m.Result):
-                ring.release(msg.slot, msg.generation)
-                counted += start <= now
-            elif isinstance(msg, m.Error):
-                errors += 1
-                ring.release(msg.slot, msg.generation)
-            else:
-                continue
-            send()
+            for msg in m.unpack(m.decode(sock.recv())):
+                if isinstance(msg, m.Result):
+                    ring.release(msg.slot, msg.generation)
+                    counted += start <= now
+                elif isinstance(msg, m.Error):
+                    errors += 1
+                    ring.release(msg.slot, msg.generation)
+                else:
+                    continue
+                send()
         out.put({"images": counted, "errors": errors})
     finally:
         sock.close(linger=0)

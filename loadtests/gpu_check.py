@@ -407,18 +407,16 @@ def engine_check(
                 sent += 1
             if not sock.poll(30000):
                 raise TimeoutError(f"no answer from the engine after {done} of {requests}")
-            reply = m.decode(sock.recv())
-            if isinstance(reply, m.Heartbeat):
-                continue
-            if isinstance(reply, (m.Result, m.Error)):
-                ring.release(reply.slot, reply.generation)
-                done += 1
-                if isinstance(reply, m.Result):
-                    results.append(reply)
-                    if reply.req_id == "gpu-0":
-                        first_labels = [d.label for d in reply.detections] + [c.label for c in reply.classes]
-                else:
-                    errors[reply.reason] += 1
+            for reply in m.unpack(m.decode(sock.recv())):
+                if isinstance(reply, (m.Result, m.Error)):
+                    ring.release(reply.slot, reply.generation)
+                    done += 1
+                    if isinstance(reply, m.Result):
+                        results.append(reply)
+                        if reply.req_id == "gpu-0":
+                            first_labels = [d.label for d in reply.detections] + [c.label for c in reply.classes]
+                    else:
+                        errors[reply.reason] += 1
         elapsed = time.perf_counter() - t0
         sizes = Counter(r.batch_size for r in results)
         report.update(

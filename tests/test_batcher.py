@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.batcher import Batcher, Job
+from engine.batcher import Answer, Batcher, Job
 from engine.models import load
 from engine.repository import scan
 from ipc import messages as m
@@ -24,7 +24,12 @@ def test_a_batch_waiting_for_company_runs_when_the_other_instance_finishes(tmp_p
     [cfg], _ = scan(tmp_path / "repo")
     model = load(cfg, 1, ["CPUExecutionProvider"], 1)
     replies: queue.Queue[tuple[str, m.Message, float]] = queue.Queue()
-    batcher = Batcher(model, lambda job, msg: replies.put((job.msg.req_id, msg, time.perf_counter())), instances=2)
+
+    def reply(answers: list[Answer]) -> None:
+        for job, msg in answers:
+            replies.put((job.msg.req_id, msg, time.perf_counter()))
+
+    batcher = Batcher(model, reply, instances=2)
     batcher.start()
 
     def submit(req_id: str, slot: int) -> float:

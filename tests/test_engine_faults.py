@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from engine.batcher import Batcher, Job
+from engine.batcher import Answer, Batcher, Job
 from engine.models import load
 from engine.repository import scan
 from engine.server import EXIT_THREAD_DIED
@@ -65,7 +65,7 @@ def test_a_thread_that_ends_anyway_is_reported(tmp_path: Path) -> None:
     model = load(cfg, 1, ["CPUExecutionProvider"], 1)
     replied = threading.Event()
 
-    def reply(job: Job, msg: m.Message) -> None:
+    def reply(answers: list[Answer]) -> None:
         replied.set()
         raise _Boom
 

@@ -108,13 +108,45 @@ def test_engine_refuses_a_slot_already_queued(engine: str, no_leaks: None) -> No
             sock.send(m.encode(_infer(0)))
         while len(replies) < 20:
             assert sock.poll(5000)
-            reply = m.decode(sock.recv())
-            if not isinstance(reply, m.Heartbeat):
-                replies.append(reply)
+            replies += [r for r in m.unpack(m.decode(sock.recv())) if not isinstance(r, m.Heartbeat)]
         assert any(isinstance(r, m.Result) for r in replies)
         dupes = [r for r in replies if isinstance(r, m.Error)]
         assert all(r.reason == "bad_input" and "already in use" in r.detail for r in dupes)
     finally:
         sock.close()
+        ctx.term()
+        ring.close()
+
+
+def test_a_batch_answers_its_worker_in_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answers to a batch of one worker's requests come back together, as one Replies."""
+    monkeypatch.setenv("RINGSERVE_INSTANCES", "1")  # one instance: the four form one batch
+    monkeypatch.setenv("RINGSERVE_CPU_MAX_BATCH", "0")  # the model's max_batch_size, not a measured one
+    repo = tmp_path / "repo"
+    write_pixel_detector(repo, size=8, max_batch_size=4, delay_ms=10_000.0, wait_alone=True)
+    ring = Ring(4, 8 * 8 * 3)
+    ctx = zmq.Context()
+    try:
+        with bare_engine(repo) as (address, _):
+            sock = make_socket(ctx, address, zmq.DEALER, bind=False, immediate=False)
+            ready = _ask(sock, m.Hello(pid=os.getpid(), ring=ring.name, slots=4, slot_bytes=ring.slot_bytes))
+            assert isinstance(ready, m.Ready) and ready.registered
+            pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            for slot in range(4):
+                ring.view(slot, (8, 8, 3))[...] = pixels
+                sock.send(m.encode(_infer(slot, req_id=f"r{slot}")))
+            # The batch closes when it is full, long before its delay of 10 s or this poll's 5 s.
+            assert sock.poll(5000), "no answer from the engine"
+            reply = m.decode(sock.recv())
+            while isinstance(reply, m.Heartbeat):
+                assert sock.poll(5000), "no answer from the engine"
+                reply = m.decode(sock.recv())
+            assert isinstance(reply, m.Replies), reply
+            answers = m.unpack(reply)
+            assert [(r.req_id, r.slot, r.batch_size) for r in answers if isinstance(r, m.Result)] == [
+                (f"r{slot}", slot, 4) for slot in range(4)
+            ]
+            sock.close()
+    finally:
         ctx.term()
         ring.close()

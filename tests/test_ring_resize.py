@@ -37,9 +37,7 @@ def _replies(sock: zmq.Socket, n: int) -> list[m.Message]:  # type: ignore[type-
     out: list[m.Message] = []
     while len(out) < n:
         assert sock.poll(10_000), f"no answer from the engine after {out}"
-        reply = m.decode(sock.recv())
-        if not isinstance(reply, m.Heartbeat):
-            out.append(reply)
+        out += [r for r in m.unpack(m.decode(sock.recv())) if not isinstance(r, m.Heartbeat)]
     return out
 
 
