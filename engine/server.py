@@ -70,10 +70,10 @@ class Engine:
         self.workers: dict[bytes, Worker] = {}
         self._stop = threading.Event()
         self._local = threading.local()
-        # Answers from the batcher threads: (worker identity, ring, slot, message). A
+        # Answers from the batcher threads: (worker identity, ring, slot, encoded message). A
         # batcher wakes the loop only when no wake is pending (one inproc message per burst, not
         # per reply); the flag is reset before the outbox is drained, so no reply waits for a wake.
-        self._outbox: deque[tuple[bytes, str, int, m.Result | m.Error]] = deque()
+        self._outbox: deque[tuple[bytes, str, int, bytes]] = deque()
         self._wake_pending = False
         self._fed: set[Batcher] = set()  # batchers given jobs in this burst: woken once at its end
         self._ctx = zmq.Context()
@@ -180,16 +180,16 @@ class Engine:
     def _flush(self, router: zmq.Socket[bytes]) -> None:
         """Send what the batchers answered: one message per worker, a Replies where it is several
         (a light model's batch of 38 cost 76 sends of the loop and 38 receives of its workers)."""
-        answers: dict[bytes, list[m.Result | m.Error]] = {}
+        answers: dict[bytes, list[bytes]] = {}
         outbox = self._outbox
         while outbox:
-            identity, ring, slot, msg = outbox.popleft()
+            identity, ring, slot, payload = outbox.popleft()
             worker = self.workers.get(identity)
             if worker is not None:
                 worker.answered(ring, slot)
-            answers.setdefault(identity, []).append(msg)
-        for identity, msgs in answers.items():
-            self._send(router, identity, m.encode(msgs[0] if len(msgs) == 1 else m.Replies(msgs)))
+            answers.setdefault(identity, []).append(payload)
+        for identity, payloads in answers.items():
+            self._send(router, identity, payloads[0] if len(payloads) == 1 else m.bundle(payloads))
 
     def _wake_fed(self) -> None:
         """Wake the batchers given jobs in this burst, once each. In a method of its own: a loop
@@ -309,8 +309,10 @@ class Engine:
         return Job(identity, msg, pixels, time.perf_counter()), batcher
 
     def _reply_from_batcher(self, answers: list[Answer]) -> None:
-        # extend() of a list is one C call: the loop never sends part of a batch's answers
-        self._outbox.extend([(job.identity, job.msg.ring, job.msg.slot, msg) for job, msg in answers])
+        # Encoded here, in the batcher's thread: an answer that cannot be encoded fails its batch
+        # (the batcher answers every job of it with an error), not the loop. extend() of a list is
+        # one C call: the loop never sends part of a batch's answers.
+        self._outbox.extend([(job.identity, job.msg.ring, job.msg.slot, m.encode(msg)) for job, msg in answers])
         if self._wake_pending:
             return
         self._wake_pending = True

@@ -194,6 +194,18 @@ def decode(data: bytes) -> Message:
     return _decoder.decode(data)
 
 
+class _Bundle(msgspec.Struct, array_like=True, frozen=True, gc=False, tag="Replies"):
+    """A Replies as the engine writes it: answers encoded already (by the batcher threads, where a
+    failure is theirs to answer), embedded as they are. The same bytes as encoding a Replies."""
+
+    items: list[msgspec.Raw]
+
+
+def bundle(payloads: list[bytes]) -> bytes:
+    """One Replies from answers already encoded (each an encoded Result or Error)."""
+    return _encoder.encode(_Bundle([msgspec.Raw(p) for p in payloads]))
+
+
 def unpack(msg: Message) -> list[Message]:
     """The messages a received message stands for: a Replies' answers, else the message itself."""
     return list(msg.items) if isinstance(msg, Replies) else [msg]

@@ -84,3 +84,37 @@ def test_a_thread_that_ends_anyway_is_reported(tmp_path: Path) -> None:
         batcher.join(5)
     assert batcher.dead() == []  # a stopped batcher is not a dead one
     assert EXIT_THREAD_DIED != 0
+
+
+def test_answers_that_cannot_be_handed_over_fail_their_batch_not_the_thread(tmp_path: Path) -> None:
+    """Where handing a batch's answers over fails (the engine encodes them there), every job of the
+    batch gets an error instead, and the instance serves the next batch."""
+    repo = tmp_path / "repo"
+    write_scalar_output_detector(repo, size=8)
+    [cfg], _ = scan(repo)
+    model = load(cfg, 1, ["CPUExecutionProvider"], 1)
+    got: list[m.Result | m.Error] = []
+    refuse = threading.Event()
+    refuse.set()
+
+    def reply(answers: list[Answer]) -> None:
+        if refuse.is_set() and any(isinstance(msg, m.Result) for _, msg in answers):
+            refuse.clear()
+            raise TypeError("Encoding objects of type numpy.float32 is unsupported")
+        got.extend(msg for _, msg in answers)
+
+    batcher = Batcher(model, reply)
+    batcher.start()
+    try:
+        for slot in range(2):
+            msg = m.Infer(f"r{slot}", "scalar", 1, slot, 1, 8, 8, time.time() + 10)
+            batcher.submit(Job(b"w", msg, np.zeros((8, 8, 3), np.uint8), time.perf_counter()))
+            batcher.wake()
+            wait_for(lambda n=slot + 1: len(got) == n, 10, f"the answer to r{slot}")  # type: ignore[misc]
+    finally:
+        batcher.stop()
+        batcher.join(5)
+    first, second = got
+    assert isinstance(first, m.Error) and first.reason == "internal" and "numpy.float32" in first.detail, first
+    assert isinstance(second, m.Result) and second.req_id == "r1", second
+    assert batcher.dead() == []

@@ -150,3 +150,13 @@ def test_a_batch_answers_its_worker_in_one_message(tmp_path: Path, monkeypatch: 
     finally:
         ctx.term()
         ring.close()
+
+
+def test_replies_bundled_from_encoded_answers_decode_as_replies() -> None:
+    thing = m.Detection(1.0, 2.0, 3.0, 4.0, 0.9, 1, "thing")
+    result = m.Result("a", 0, 1, "pixels", 1, 2, 0.1, 0.2, detections=[thing])
+    error = m.Error("b", 1, 1, "timeout", "deadline passed while queued")
+    wire = m.bundle([m.encode(result), m.encode(error)])
+    assert wire == m.encode(m.Replies([result, error]))
+    assert m.unpack(m.decode(wire)) == [result, error]
+    assert m.unpack(result) == [result]
