@@ -184,6 +184,25 @@ class Appliance:
         except psutil.NoSuchProcess:
             return []
 
+    @contextlib.contextmanager
+    def only_worker(self, pid: int) -> Iterator[None]:
+        """New connections reach HTTP worker ``pid`` alone: the others are paused (SIGSTOP) meanwhile.
+
+        The workers share one listening socket, and the kernel gives a connection to whichever
+        worker accepts it first: on an idle box one of them can win a hundred times in a row, so a
+        test that needs a given worker cannot count on opening connections until it gets there.
+        A pause of a few seconds is far below the pool's hang watch (RINGSERVE_WORKER_HANG_S, 30 s).
+        """
+        others = [p for p in self.worker_pids() if p != pid]
+        assert len(others) < len(self.worker_pids()), f"{pid} is not an HTTP worker of this appliance"
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL the whole appliance (its own process group) and reap it."""
         if self.proc is None:

@@ -72,17 +72,15 @@ def worker_pid(client: triton.InferenceServerClient) -> int:
 
 
 def clients_on_distinct_workers(app: Appliance, count: int = 2) -> list[triton.InferenceServerClient]:
-    found: dict[int, triton.InferenceServerClient] = {}
-    for _ in range(100):
-        client = triton.InferenceServerClient(host(app), concurrency=1)
-        pid = worker_pid(client)
-        if pid in found:
-            client.close()
-            continue
-        found[pid] = client
-        if len(found) == count:
-            return list(found.values())
-    raise AssertionError(f"100 connections reached only workers {sorted(found)}")
+    """A client per HTTP worker, each kept alive on its one connection to that worker."""
+    clients = []
+    for pid in app.worker_pids()[:count]:
+        with app.only_worker(pid):
+            client = triton.InferenceServerClient(host(app), concurrency=1)
+            assert worker_pid(client) == pid  # its connection is made by its first request, here
+        clients.append(client)
+    assert len(clients) == count, f"the appliance has {len(clients)} HTTP workers"
+    return clients
 
 
 @contextlib.contextmanager
