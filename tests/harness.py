@@ -193,8 +193,9 @@ class Appliance:
         test that needs a given worker cannot count on opening connections until it gets there.
         A pause of a few seconds is far below the pool's hang watch (RINGSERVE_WORKER_HANG_S, 30 s).
         """
-        others = [p for p in self.worker_pids() if p != pid]
-        assert len(others) < len(self.worker_pids()), f"{pid} is not an HTTP worker of this appliance"
+        workers = self.worker_pids()
+        assert pid in workers, f"{pid} is not an HTTP worker of this appliance ({workers})"
+        others = [p for p in workers if p != pid]
         for other in others:
             os.kill(other, signal.SIGSTOP)
         try:

@@ -31,6 +31,11 @@ def engine(tmp_path: Path) -> Iterator[str]:
 
 def _ask(sock: zmq.Socket, msg: object, timeout_ms: int = 5000) -> m.Message:  # type: ignore[type-arg]
     sock.send(m.encode(msg) if not isinstance(msg, bytes) else msg)  # type: ignore[arg-type]
+    return _receive(sock, timeout_ms)
+
+
+def _receive(sock: zmq.Socket, timeout_ms: int = 5000) -> m.Message:  # type: ignore[type-arg]
+    """The engine's next message that is not a heartbeat."""
     while True:
         assert sock.poll(timeout_ms), "no answer from the engine"
         reply = m.decode(sock.recv())
@@ -136,19 +141,14 @@ def test_a_batch_answers_its_worker_in_one_message(tmp_path: Path, monkeypatch: 
                 ring.view(slot, (8, 8, 3))[...] = pixels
                 sock.send(m.encode(_infer(slot, req_id=f"r{slot}")))
             # The batch closes when it is full, long before its delay of 10 s or this poll's 5 s.
-            assert sock.poll(5000), "no answer from the engine"
-            reply = m.decode(sock.recv())
-            while isinstance(reply, m.Heartbeat):
-                assert sock.poll(5000), "no answer from the engine"
-                reply = m.decode(sock.recv())
+            reply = _receive(sock)
             assert isinstance(reply, m.Replies), reply
             answers = m.unpack(reply)
             assert [(r.req_id, r.slot, r.batch_size) for r in answers if isinstance(r, m.Result)] == [
                 (f"r{slot}", slot, 4) for slot in range(4)
             ]
-            sock.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # closes the socket too, also when an assertion above failed
         ring.close()
 
 
