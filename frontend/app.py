@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -93,6 +94,12 @@ def _lifespan(settings: Settings, metrics_path: Path) -> Callable[[FastAPI], Abs
 
                 grpc_server = await serve_grpc(settings, client, app.state.service)
             await app.state.shared.start(app)  # jobs, cache, prediction log around the service
+            # What the worker built to start (the imports, FastAPI's routes, pydantic's schemas:
+            # about 97,000 objects) lives as long as the worker. Frozen, a full collection no
+            # longer walks it on the event loop: under load one took 111 ms, every request of the
+            # worker waiting (Lite0, c=16; none during the same load frozen).
+            gc.collect()
+            gc.freeze()
             yield
         finally:
             await app.state.shared.stop()

@@ -1,7 +1,8 @@
 """The worker's decode queue and the memory of one decode, in process (no appliance needed).
 
-- DecodePool: a job whose deadline passes while it waits is never run; the bounds in images and
-  bytes refuse at once; an image stays counted until its decode has really stopped.
+- DecodePool: a job whose deadline passes while it waits, or whose waiter is cancelled, is never
+  run; the bounds in images and bytes refuse at once; an image stays counted until its decode has
+  really stopped; closing refuses the images that wait.
 - Every Pillow mode decodes with a bounded peak: the decoded image at its own depth (the floor for a
   format without a reduced decode) plus about twice the 8-bit RGB image at its reduced size. Each
   case runs in a fresh interpreter, which reads its own peak RSS from the kernel.
@@ -23,7 +24,7 @@ from PIL import Image
 
 from frontend import imaging
 from frontend.decode_pool import DecodePool
-from ipc.errors import DeadlineExceeded, QueueFull
+from ipc.errors import DeadlineExceeded, EngineUnavailable, QueueFull
 from ipc.messages import InputSpec
 from tests.harness import ROOT
 
@@ -104,6 +105,60 @@ def test_a_started_decode_stays_counted_after_its_waiter_gave_up() -> None:
         assert pool.images == 0
         await pool.run(lambda: None, 10, time.monotonic() + 5)
         pool.close()
+
+    asyncio.run(go())
+
+
+def test_a_waiter_cancelled_before_its_decode_starts_is_never_decoded() -> None:
+    """A client that leaves (its request task is cancelled) while its image waits: the image is
+    counted out at once and the thread skips it."""
+    ran: list[str] = []
+    gate = threading.Event()
+
+    async def go() -> None:
+        pool = DecodePool(max_images=8, max_bytes=1 << 20)
+        far = time.monotonic() + 30
+        first = asyncio.create_task(pool.run(lambda: gate.wait(10), 10, far))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(pool.run(lambda: ran.append("cancelled"), 20, far))
+        await asyncio.sleep(0)
+        assert (pool.images, pool.bytes) == (2, 30)
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert (pool.images, pool.bytes) == (1, 10)
+        gate.set()
+        assert await first is True
+        assert await pool.run(lambda: "after", 10, far) == "after"  # the thread went on past it
+        assert ran == [] and (pool.images, pool.bytes) == (0, 0)
+        pool.close()
+
+    asyncio.run(go())
+
+
+def test_close_refuses_the_images_that_wait_and_new_ones() -> None:
+    gate, started = threading.Event(), threading.Event()
+
+    def blocker() -> bool:
+        started.set()
+        return gate.wait(10)
+
+    async def go() -> None:
+        pool = DecodePool(max_images=8, max_bytes=1 << 20)
+        far = time.monotonic() + 30
+        running = asyncio.create_task(pool.run(blocker, 10, far))
+        assert await asyncio.to_thread(started.wait, 10)  # the thread is decoding it
+        waiting = asyncio.create_task(pool.run(lambda: "never", 10, far))
+        await asyncio.sleep(0)
+        pool.close()
+        gate.set()
+        assert await running is True  # the decode under way finishes
+        with pytest.raises(EngineUnavailable):
+            await waiting
+        with pytest.raises(EngineUnavailable):
+            await pool.run(lambda: "late", 10, far)
+        await _drained(pool)
+        assert (pool.images, pool.bytes) == (0, 0)
 
     asyncio.run(go())
 
